@@ -1,0 +1,523 @@
+"""JetStream wiring: connection, publishing with dedupe and trace context, typed durable consumers.
+
+A service is a set of typed subscribers. Each subscriber is an async function
+`handler(event: SomeEvent, ctx: Context[State]) -> None` bound to a durable pull consumer that all
+replicas of the service share. Success acks; `Retry` or any other exception naks with backoff; a
+message that does not decode, is `Reject`-ed, or fails `max_deliver` times is published to the
+dead-letter subject with the reason in a header and then acked, so nothing loops and nothing is
+dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, get_type_hints
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from fabrik_common.codec import EventCodec, EventDecodeError, encode
+from fabrik_common.events import Event
+from fabrik_common.metrics import BusMetrics
+from fabrik_common.topology import DEAD_LETTER_PREFIX, StreamSpec, stream_for_subject
+from fabrik_common.tracing import TRACEPARENT, continue_trace, outgoing_traceparent
+
+log = logging.getLogger(__name__)
+
+StateT = TypeVar("StateT")
+E = TypeVar("E")
+
+MSG_ID = "Nats-Msg-Id"
+EVENT_TYPE = "Fabrik-Event-Type"
+DLQ_REASON = "Fabrik-Dead-Letter-Reason"
+DLQ_SUBJECT = "Fabrik-Dead-Letter-Subject"
+DLQ_STREAM = "Fabrik-Dead-Letter-Stream"
+DLQ_SEQUENCE = "Fabrik-Dead-Letter-Sequence"
+DLQ_CONSUMER = "Fabrik-Dead-Letter-Consumer"
+DLQ_DELIVERIES = "Fabrik-Dead-Letter-Deliveries"
+
+_RETRYABLE_PUBLISH = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+)
+_TRANSIENT_FETCH = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.APIError,
+    asyncio.TimeoutError,
+)
+
+
+class Retry(Exception):  # noqa: N818 - it is an instruction, not an error condition
+    """Raised by a handler: nak this message and try again after `delay` seconds (or the backoff)."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Reject(Exception):  # noqa: N818 - see Retry
+    """Raised by a handler: this message can never succeed; dead-letter it with `reason`."""
+
+
+class PublishError(RuntimeError):
+    """JetStream did not acknowledge a publish before the deadline."""
+
+
+@dataclass(frozen=True)
+class BusOptions:
+    url: str = "nats://127.0.0.1:4222"
+    name: str = "fabrik"
+    connect_timeout: float = 2.0
+    max_reconnect_wait: float = 5.0
+    publish_timeout: float = 5.0
+    publish_deadline: float = 60.0
+    user_credentials: str | None = None
+
+
+class Bus:
+    """One NATS connection with JetStream, shared by a service's publishers and consumers."""
+
+    def __init__(self, options: BusOptions, metrics: BusMetrics) -> None:
+        self.options = options
+        self.metrics = metrics
+        self.nc = NatsClient()
+        self._js: JetStreamContext | None = None
+        self._closing = False
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("bus is not connected")
+        return self._js
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def connect(self) -> None:
+        """Connect, retrying with backoff until it works; later disconnects reconnect forever."""
+        delay = 0.1
+        while True:
+            try:
+                await self.nc.connect(
+                    servers=self.options.url.split(","),
+                    name=self.options.name,
+                    connect_timeout=max(1, int(self.options.connect_timeout)),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    user_credentials=self.options.user_credentials,
+                )
+                break
+            except (OSError, nats.errors.NoServersError, nats.errors.Error, asyncio.TimeoutError) as exc:
+                log.warning(
+                    "NATS not reachable, retrying",
+                    extra={"url": self.options.url, "error": str(exc), "retry_in_s": delay},
+                )
+                self.nc = NatsClient()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.options.max_reconnect_wait)
+        self._js = self.nc.jetstream(timeout=self.options.publish_timeout)
+        self.metrics.connected.set(1)
+        log.info("connected to NATS", extra={"url": self.nc.connected_url.netloc if self.nc.connected_url else ""})
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS connection error", extra={"error": str(exc)})
+
+    async def _on_disconnected(self) -> None:
+        self.metrics.connected.set(0)
+        if not self._closing:
+            log.warning("disconnected from NATS, reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self.metrics.connected.set(1)
+        self.metrics.reconnects.inc()
+        log.info("reconnected to NATS")
+
+    async def publish(self, event: Event, *, headers: Mapping[str, str] | None = None) -> api.PubAck:
+        """Publish an event and wait for JetStream's ack; duplicates (same event_id) are stored once."""
+        hdrs = {
+            MSG_ID: event.event_id,
+            EVENT_TYPE: event.event_type(),
+            TRACEPARENT: outgoing_traceparent(),
+        }
+        if headers:
+            hdrs.update(headers)
+        ack = await self.publish_bytes(event.subject(), encode(event), hdrs)
+        self.metrics.published.labels(event.event_type()).inc()
+        return ack
+
+    async def publish_bytes(self, subject: str, payload: bytes, headers: dict[str, str]) -> api.PubAck:
+        """Publish raw bytes, retrying timeouts and disconnects with the same message id until the deadline."""
+        deadline = time.monotonic() + self.options.publish_deadline
+        delay = 0.05
+        while True:
+            try:
+                return await self.js.publish(
+                    subject, payload, timeout=self.options.publish_timeout, headers=headers
+                )
+            except _RETRYABLE_PUBLISH as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise PublishError(f"publish to {subject} not acknowledged: {exc!r}") from exc
+                self.metrics.publish_retries.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self.nc.is_connected or self.nc.is_reconnecting:
+            with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
+                await self.nc.drain()
+        if not self.nc.is_closed:
+            await self.nc.close()
+        self.metrics.connected.set(0)
+
+
+@dataclass
+class Context(Generic[StateT]):
+    """What a handler knows about the message it handles, plus the service's state."""
+
+    state: StateT
+    bus: Bus
+    subject: str
+    headers: Mapping[str, str]
+    delivery: int
+    stream_sequence: int
+    consumer: str
+
+    @property
+    def redelivered(self) -> bool:
+        return self.delivery > 1
+
+
+Handler = Callable[[Any, Context[Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    """A typed handler bound to a durable pull consumer."""
+
+    handler: Handler
+    durable: str
+    subjects: tuple[str, ...]
+    stream: StreamSpec
+    codec: EventCodec[Any]
+    max_deliver: int = 5
+    backoff: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0)
+    ack_wait: float = 30.0
+    batch: int = 128
+    max_ack_pending: int = 2000
+    deliver_new_only: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.durable
+
+    def consumer_config(self) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.NEW if self.deliver_new_only else api.DeliverPolicy.ALL,
+            # One more server-side delivery than we allow handling, so a replica that dies while
+            # handling the last allowed delivery still gets the message back and dead-letters it.
+            max_deliver=self.max_deliver + 1,
+            ack_wait=self.ack_wait,
+            max_ack_pending=self.max_ack_pending,
+            filter_subject=self.subjects[0] if len(self.subjects) == 1 else None,
+            filter_subjects=list(self.subjects) if len(self.subjects) > 1 else None,
+        )
+
+    def backoff_for(self, delivery: int) -> float:
+        return self.backoff[min(delivery - 1, len(self.backoff) - 1)] if self.backoff else 0.0
+
+
+class Router:
+    """Collects subscribers declared with `@router.subscriber(...)` in a handlers module."""
+
+    def __init__(self) -> None:
+        self.subscribers: list[Subscriber] = []
+
+    def subscriber(
+        self,
+        *subjects: str,
+        durable: str,
+        stream: StreamSpec | None = None,
+        max_deliver: int = 5,
+        backoff: Sequence[float] = (1.0, 5.0, 30.0, 120.0),
+        ack_wait: float = 30.0,
+        batch: int = 128,
+        deliver_new_only: bool = False,
+    ) -> Callable[[Callable[[E, Context[Any]], Awaitable[None]]], Callable[[E, Context[Any]], Awaitable[None]]]:
+        if not subjects:
+            raise ValueError("a subscriber needs at least one subject")
+        resolved_stream = stream or stream_for_subject(subjects[0])
+
+        def register(
+            fn: Callable[[E, Context[Any]], Awaitable[None]],
+        ) -> Callable[[E, Context[Any]], Awaitable[None]]:
+            event_type = _event_type_of(fn)
+            self.subscribers.append(
+                Subscriber(
+                    handler=fn,
+                    durable=durable,
+                    subjects=tuple(subjects),
+                    stream=resolved_stream,
+                    codec=EventCodec(event_type),
+                    max_deliver=max_deliver,
+                    backoff=tuple(backoff),
+                    ack_wait=ack_wait,
+                    batch=batch,
+                    deliver_new_only=deliver_new_only,
+                )
+            )
+            return fn
+
+        return register
+
+
+def _event_type_of(fn: Callable[..., Any]) -> Any:
+    params = list(inspect.signature(fn).parameters)
+    if len(params) != 2:
+        raise TypeError(f"handler {fn.__qualname__} must take (event, ctx)")
+    hints = get_type_hints(fn)
+    if params[0] not in hints:
+        raise TypeError(f"handler {fn.__qualname__} must annotate its event parameter")
+    return hints[params[0]]
+
+
+@dataclass
+class _ConsumerRun:
+    subscriber: Subscriber
+    task: asyncio.Task[None] | None = None
+    bound: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ConsumerGroup(Generic[StateT]):
+    """Runs a service's subscribers: binds their durable consumers and pulls until stopped."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        subscribers: Sequence[Subscriber],
+        state: StateT,
+        *,
+        fetch_timeout: float = 1.0,
+    ) -> None:
+        self.bus = bus
+        self.state = state
+        self.fetch_timeout = fetch_timeout
+        self._runs = [_ConsumerRun(s) for s in subscribers]
+        self._stopping = asyncio.Event()
+        self._in_flight = 0
+
+    async def start(self) -> None:
+        for run in self._runs:
+            run.task = asyncio.create_task(self._consume(run), name=f"consumer:{run.subscriber.name}")
+        waits = [asyncio.create_task(r.bound.wait()) for r in self._runs]
+        if waits:
+            await asyncio.wait(waits)
+
+    @property
+    def bound(self) -> bool:
+        return all(r.bound.is_set() for r in self._runs)
+
+    async def stop(self, grace: float) -> None:
+        """Stop pulling, let the current batches finish (up to `grace`), return unstarted messages."""
+        self._stopping.set()
+        tasks = [r.task for r in self._runs if r.task is not None]
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("consumer ended with an error", exc_info=task.exception())
+
+    async def _bind(self, sub: Subscriber) -> JetStreamContext.PullSubscription:
+        js = self.bus.js
+        delay = 0.2
+        while True:
+            try:
+                await js.add_consumer(sub.stream.name, sub.consumer_config())
+                return await js.pull_subscribe_bind(durable=sub.durable, stream=sub.stream.name)
+            except _TRANSIENT_FETCH as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("binding consumer failed, retrying", extra={"consumer": sub.durable, "error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _consume(self, run: _ConsumerRun) -> None:
+        sub = run.subscriber
+        psub = await self._bind(sub)
+        run.bound.set()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await psub.fetch(sub.batch, timeout=self.fetch_timeout)
+                except _TRANSIENT_FETCH:
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    if self._stopping.is_set():
+                        break
+                    await asyncio.sleep(0.5)
+                    continue
+                for index, msg in enumerate(msgs):
+                    if self._stopping.is_set():
+                        await self._return_unstarted(msgs[index:])
+                        break
+                    await self._handle(sub, msg)
+        finally:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await psub.unsubscribe()
+
+    async def _return_unstarted(self, msgs: Sequence[Msg]) -> None:
+        for msg in msgs:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak()
+
+    async def _handle(self, sub: Subscriber, msg: Msg) -> None:
+        metrics = self.bus.metrics
+        meta = msg.metadata
+        delivery = meta.num_delivered
+        headers = msg.headers or {}
+        if delivery > 1:
+            metrics.redelivered.labels(sub.name).inc()
+        if delivery > sub.max_deliver:
+            await self._dead_letter(sub, msg, f"handler did not finish within {sub.max_deliver} deliveries")
+            return
+        try:
+            event = sub.codec.decode(msg.data)
+        except EventDecodeError as exc:
+            await self._dead_letter(sub, msg, str(exc))
+            return
+
+        ctx: Context[Any] = Context(
+            state=self.state,
+            bus=self.bus,
+            subject=msg.subject,
+            headers=headers,
+            delivery=delivery,
+            stream_sequence=meta.sequence.stream,
+            consumer=sub.name,
+        )
+        loop = asyncio.get_running_loop()
+        heartbeat = _InProgressHeartbeat(loop, msg, sub.ack_wait / 3)
+        started = time.perf_counter()
+        try:
+            with continue_trace(headers):
+                await sub.handler(event, ctx)
+        except Reject as exc:
+            heartbeat.cancel()
+            await self._dead_letter(sub, msg, f"rejected: {exc}")
+            return
+        except Exception as exc:
+            heartbeat.cancel()
+            metrics.failed.labels(sub.name).inc()
+            if delivery >= sub.max_deliver:
+                log.exception("handler failed for the last time", extra={"consumer": sub.name, "subject": msg.subject})
+                await self._dead_letter(sub, msg, f"failed {delivery} times: {exc!r}")
+                return
+            delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else sub.backoff_for(delivery)
+            if isinstance(exc, Retry):
+                log.info("handler asked for a retry", extra={"consumer": sub.name, "reason": str(exc), "delay_s": delay})
+            else:
+                log.exception("handler failed, will retry", extra={"consumer": sub.name, "subject": msg.subject, "delay_s": delay})
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=delay)
+            return
+        heartbeat.cancel()
+        metrics.handling_seconds.labels(sub.name).observe(time.perf_counter() - started)
+        try:
+            await msg.ack()
+        except nats.errors.Error as exc:
+            # The handler's work is done and idempotent; the redelivery will be a no-op.
+            log.warning("ack failed; message will be redelivered", extra={"consumer": sub.name, "error": repr(exc)})
+            return
+        metrics.processed.labels(sub.name).inc()
+
+    async def _dead_letter(self, sub: Subscriber, msg: Msg, reason: str) -> None:
+        meta = msg.metadata
+        reason_text = " ".join(reason.split())[:1000]
+        headers = {k: v for k, v in (msg.headers or {}).items() if k != MSG_ID}
+        headers.update(
+            {
+                MSG_ID: f"dlq:{sub.stream.name}:{meta.sequence.stream}:{sub.name}",
+                DLQ_REASON: reason_text,
+                DLQ_SUBJECT: msg.subject,
+                DLQ_STREAM: sub.stream.name,
+                DLQ_SEQUENCE: str(meta.sequence.stream),
+                DLQ_CONSUMER: sub.name,
+                DLQ_DELIVERIES: str(meta.num_delivered),
+            }
+        )
+        try:
+            await self.bus.publish_bytes(dead_letter_subject(sub.stream.name, sub.name), msg.data, headers)
+        except PublishError:
+            log.exception("dead-letter publish failed; the message stays in its stream", extra={"consumer": sub.name})
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=sub.backoff_for(meta.num_delivered))
+            return
+        category = "decode" if reason.startswith(("invalid event", "malformed JSON")) else "handler"
+        self.bus.metrics.dead_lettered.labels(sub.name, category).inc()
+        log.warning(
+            "message dead-lettered",
+            extra={"consumer": sub.name, "subject": msg.subject, "sequence": meta.sequence.stream, "reason": reason_text},
+        )
+        with contextlib.suppress(nats.errors.Error):
+            await msg.ack()
+
+
+def dead_letter_subject(stream: str, consumer: str) -> str:
+    return f"{DEAD_LETTER_PREFIX}.{stream}.{consumer}"
+
+
+class _InProgressHeartbeat:
+    """Tells JetStream a slow handler is still working, so the message is not redelivered meanwhile."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, msg: Msg, interval: float) -> None:
+        self._loop = loop
+        self._msg = msg
+        self._interval = max(interval, 0.5)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handle: asyncio.TimerHandle | None = loop.call_later(self._interval, self._tick)
+
+    def _tick(self) -> None:
+        task = self._loop.create_task(self._send())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._handle = self._loop.call_later(self._interval, self._tick)
+
+    async def _send(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self._msg.in_progress()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

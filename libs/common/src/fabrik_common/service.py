@@ -1,0 +1,162 @@
+"""A Fabrik service: settings, a bus, typed subscribers, an HTTP app, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from litestar.types import ControllerRouterHandler
+from prometheus_client import CollectorRegistry
+
+from fabrik_common.bus import Bus, BusOptions, ConsumerGroup, Router
+from fabrik_common.http import HealthProbe, HttpServer, build_http_app
+from fabrik_common.log import configure_logging
+from fabrik_common.metrics import BusMetrics
+from fabrik_common.settings import CommonSettings, SettingsError, load_settings
+from fabrik_common.topology import TopologyLimits, ensure_topology
+
+log = logging.getLogger(__name__)
+
+StateT = TypeVar("StateT")
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
+
+
+class Service(Generic[StateT]):
+    """Starts in order (connect, topology, state, consumers, HTTP) and stops in reverse.
+
+    `on_start(service)` builds the service's state (domain objects, KV handles) once the bus is
+    connected; handlers receive it as `ctx.state`. `on_stop(state)` releases it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: CommonSettings,
+        *,
+        routers: Sequence[Router] = (),
+        on_start: Callable[[Service[StateT]], Awaitable[StateT]] | None = None,
+        on_stop: Callable[[StateT], Awaitable[None]] | None = None,
+        route_handlers: Sequence[ControllerRouterHandler] = (),
+        http_app_kwargs: dict[str, Any] | None = None,
+        topology: TopologyLimits | None = None,
+        background: Sequence[Callable[[StateT], Awaitable[None]]] = (),
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.registry = CollectorRegistry()
+        self.metrics = BusMetrics(self.registry)
+        self.bus = Bus(
+            BusOptions(
+                url=settings.nats_url,
+                name=f"{name}:{self.instance_id}",
+                connect_timeout=settings.nats_connect_timeout,
+                max_reconnect_wait=settings.nats_max_reconnect_wait,
+            ),
+            self.metrics,
+        )
+        self.routers = list(routers)
+        self._on_start = on_start
+        self._on_stop = on_stop
+        self._background_factories = list(background)
+        self._background: list[asyncio.Task[None]] = []
+        self.topology = topology or TopologyLimits(
+            replicas=settings.stream_replicas,
+            logs_max_age_seconds=settings.logs_max_age_seconds,
+            logs_max_bytes=settings.logs_max_bytes,
+            dedupe_window_seconds=settings.dedupe_window_seconds,
+        )
+        self.probe = HealthProbe(name)
+        self.probe.add_check("nats", lambda: self.bus.connected)
+        self._started = False
+        self.probe.add_check("started", lambda: self._started)
+        self.http_app = build_http_app(self.probe, self.registry, route_handlers, **(http_app_kwargs or {}))
+        self.http = HttpServer(self.http_app, settings.http_host, settings.http_port)
+        self._consumers: ConsumerGroup[StateT] | None = None
+        self._state: StateT | None = None
+        self._stop_requested = asyncio.Event()
+
+    @property
+    def state(self) -> StateT:
+        if self._state is None:
+            raise RuntimeError(f"{self.name} has not started")
+        return self._state
+
+    async def start(self) -> None:
+        await self.http.start()
+        await self.bus.connect()
+        await ensure_topology(self.bus.js, self.topology)
+        self._state = await self._on_start(self) if self._on_start else None  # type: ignore[assignment]
+        subscribers = [s for router in self.routers for s in router.subscribers]
+        self._consumers = ConsumerGroup(self.bus, subscribers, self._state)
+        await self._consumers.start()
+        for factory in self._background_factories:
+            self._background.append(asyncio.create_task(self._supervise(factory)))
+        self._started = True
+        log.info("service started", extra={"http_port": self.http.port, "instance": self.instance_id})
+
+    async def _supervise(self, factory: Callable[[StateT], Awaitable[None]]) -> None:
+        name = getattr(factory, "__qualname__", repr(factory))
+        while not self._stop_requested.is_set():
+            try:
+                await factory(self.state)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background task crashed; restarting in 1 s", extra={"task": name})
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        self._started = False
+        self._stop_requested.set()
+        grace = self.settings.shutdown_grace_seconds
+        if self._consumers is not None:
+            await self._consumers.stop(grace)
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._on_stop is not None and self._state is not None:
+            await self._on_stop(self._state)
+        await self.bus.close()
+        await self.http.stop()
+        log.info("service stopped")
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop_requested.wait()
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def run_service(
+    settings_cls: type[SettingsT], build: Callable[[SettingsT], Service[Any]], name: str
+) -> None:
+    """The `main()` of every service: settings from the environment, JSON logs, run until signalled."""
+    try:
+        settings = load_settings(settings_cls)
+    except SettingsError as exc:
+        print(f"fabrik-{name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    configure_logging(name, settings.log_level, settings.log_format)
+    asyncio.run(build(settings).run())

@@ -1,0 +1,164 @@
+"""Test harness: a real NATS JetStream server per test, and services started in-process or as processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from fabrik_common.natsserver import NatsServer, free_port
+from fabrik_common.service import Service
+
+__all__ = [
+    "ContainerNatsServer",
+    "NatsServer",
+    "NatsServerLike",
+    "ServiceProcess",
+    "docker_available",
+    "free_port",
+    "running_service",
+]
+
+
+class NatsServerLike(Protocol):
+    @property
+    def url(self) -> str: ...
+
+    def start(self, timeout: float = ...) -> None: ...
+
+    def stop(self, timeout: float = ...) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def restart(self, timeout: float = ...) -> None: ...
+
+
+def docker_available() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]  # noqa: PLC0415 - only where Docker is asked for
+
+        docker.from_env().ping()
+    except Exception:  # noqa: BLE001 - any failure means "no usable engine"
+        return False
+    return True
+
+
+class ContainerNatsServer:
+    """NATS JetStream in a container through testcontainers (where a Docker engine exists)."""
+
+    IMAGE = "nats:2.11-alpine"
+
+    def __init__(self) -> None:
+        from testcontainers.core.container import DockerContainer  # noqa: PLC0415
+
+        self._container: Any = DockerContainer(self.IMAGE).with_command("-js -sd /data").with_exposed_ports(4222)
+
+    @property
+    def url(self) -> str:
+        host = self._container.get_container_host_ip()
+        return f"nats://{host}:{self._container.get_exposed_port(4222)}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._container.start()
+        deadline = time.monotonic() + timeout
+        while "Server is ready" not in self._container.get_logs()[0].decode(errors="replace"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("NATS container did not become ready")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._container.get_wrapped_container().stop(timeout=int(timeout))
+
+    def kill(self) -> None:
+        self._container.get_wrapped_container().kill()
+
+    def restart(self, timeout: float = 30.0) -> None:
+        self._container.get_wrapped_container().restart()
+
+    def remove(self) -> None:
+        self._container.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_service(service: Service[Any]) -> AsyncIterator[Service[Any]]:
+    """Run a service in this process for the duration of the block."""
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+class ServiceProcess:
+    """A service started as `python -m <module>` with the given environment, ready when /readyz is 200."""
+
+    def __init__(
+        self,
+        module: str,
+        env: Mapping[str, str],
+        *,
+        http_port: int | None = None,
+        log_path: Path | None = None,
+        argv: tuple[str, ...] = (),
+    ) -> None:
+        self.module = module
+        self.http_port = http_port or free_port()
+        self.env = {**os.environ, **env, "FABRIK_HTTP_PORT": str(self.http_port)}
+        self.log_path = log_path
+        self.argv = argv
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, ready_timeout: float = 30.0) -> ServiceProcess:
+        out: Any = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, *self.argv], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        finally:
+            if self.log_path:
+                out.close()
+        self.wait_ready(ready_timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.module} exited with {self.proc.returncode} (log: {self.log_path})")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=1) as response:  # noqa: S310
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.module} not ready within {timeout}s (log: {self.log_path})")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the clean shutdown path. Returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -1,0 +1,1 @@
+"""Fabrik backup: Snapshots of streams, KV buckets and object stores; verify, restore, migration import."""

@@ -1,0 +1,3 @@
+from fabrik_backup.app import main
+
+main()

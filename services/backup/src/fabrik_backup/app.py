@@ -1,0 +1,18 @@
+"""Wiring and start-up of the backup service."""
+
+from __future__ import annotations
+
+from fabrik_common.service import Service, run_service
+
+from fabrik_backup.handlers import router
+from fabrik_backup.settings import BackupSettings
+
+NAME = "backup"
+
+
+def build(settings: BackupSettings) -> Service[None]:
+    return Service(NAME, settings, routers=[router])
+
+
+def main() -> None:
+    run_service(BackupSettings, build, NAME)

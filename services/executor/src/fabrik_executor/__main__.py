@@ -1,0 +1,3 @@
+from fabrik_executor.app import main
+
+main()

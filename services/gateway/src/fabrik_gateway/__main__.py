@@ -1,0 +1,3 @@
+from fabrik_gateway.app import main
+
+main()

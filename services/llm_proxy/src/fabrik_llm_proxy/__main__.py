@@ -1,0 +1,3 @@
+from fabrik_llm_proxy.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Fabrik optimizer: Analytics, cost accounting, budgets and configuration experiments."""

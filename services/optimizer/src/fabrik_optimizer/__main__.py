@@ -1,0 +1,3 @@
+from fabrik_optimizer.app import main
+
+main()

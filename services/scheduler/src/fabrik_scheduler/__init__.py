@@ -1,0 +1,1 @@
+"""Fabrik scheduler: The run state machine, queues, quotas, fair share, schedules and run health."""

@@ -1,0 +1,3 @@
+from fabrik_scheduler.app import main
+
+main()
