@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -25,6 +26,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from prometheus_client import Counter, Histogram
 
 from fabrik_common.codec import EventCodec, EventDecodeError, encode
 from fabrik_common.events import Event
@@ -130,7 +132,7 @@ class Bus:
                     user_credentials=self.options.user_credentials,
                 )
                 break
-            except (OSError, nats.errors.NoServersError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
                 log.warning(
                     "NATS not reachable, retrying",
                     extra={"url": self.options.url, "error": str(exc), "retry_in_s": delay},
@@ -140,7 +142,10 @@ class Bus:
                 delay = min(delay * 2, self.options.max_reconnect_wait)
         self._js = self.nc.jetstream(timeout=self.options.publish_timeout)
         self.metrics.connected.set(1)
-        log.info("connected to NATS", extra={"url": self.nc.connected_url.netloc if self.nc.connected_url else ""})
+        log.info(
+            "connected to NATS",
+            extra={"url": self.nc.connected_url.netloc if self.nc.connected_url else ""},
+        )
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS connection error", extra={"error": str(exc)})
@@ -169,7 +174,7 @@ class Bus:
         return ack
 
     async def publish_bytes(self, subject: str, payload: bytes, headers: dict[str, str]) -> api.PubAck:
-        """Publish raw bytes, retrying timeouts and disconnects with the same message id until the deadline."""
+        """Publish raw bytes; timeouts and disconnects are retried with the same message id until deadline."""
         deadline = time.monotonic() + self.options.publish_deadline
         delay = 0.05
         while True:
@@ -268,7 +273,9 @@ class Router:
         ack_wait: float = 30.0,
         batch: int = 128,
         deliver_new_only: bool = False,
-    ) -> Callable[[Callable[[E, Context[Any]], Awaitable[None]]], Callable[[E, Context[Any]], Awaitable[None]]]:
+    ) -> Callable[
+        [Callable[[E, Context[Any]], Awaitable[None]]], Callable[[E, Context[Any]], Awaitable[None]]
+    ]:
         if not subjects:
             raise ValueError("a subscriber needs at least one subject")
         resolved_stream = stream or stream_for_subject(subjects[0])
@@ -368,7 +375,10 @@ class ConsumerGroup(Generic[StateT]):
             except _TRANSIENT_FETCH as exc:
                 if self._stopping.is_set():
                     raise
-                log.warning("binding consumer failed, retrying", extra={"consumer": sub.durable, "error": repr(exc)})
+                log.warning(
+                    "binding consumer failed, retrying",
+                    extra={"consumer": sub.durable, "error": repr(exc)},
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -376,6 +386,10 @@ class ConsumerGroup(Generic[StateT]):
         sub = run.subscriber
         psub = await self._bind(sub)
         run.bound.set()
+        # One heartbeat and one set of labelled metrics per consumer, not per message: it handles
+        # its messages one at a time.
+        heartbeat = _InProgressHeartbeat(asyncio.get_running_loop(), sub.ack_wait / 3)
+        counters = _ConsumerMetrics(self.bus.metrics, sub.name)
         try:
             while not self._stopping.is_set():
                 try:
@@ -391,7 +405,7 @@ class ConsumerGroup(Generic[StateT]):
                     if self._stopping.is_set():
                         await self._return_unstarted(msgs[index:])
                         break
-                    await self._handle(sub, msg)
+                    await self._handle(sub, msg, heartbeat, counters)
         finally:
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
                 await psub.unsubscribe()
@@ -401,7 +415,9 @@ class ConsumerGroup(Generic[StateT]):
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak()
 
-    async def _handle(self, sub: Subscriber, msg: Msg) -> None:
+    async def _handle(
+        self, sub: Subscriber, msg: Msg, heartbeat: _InProgressHeartbeat, counters: _ConsumerMetrics
+    ) -> None:
         metrics = self.bus.metrics
         meta = msg.metadata
         delivery = meta.num_delivered
@@ -426,8 +442,7 @@ class ConsumerGroup(Generic[StateT]):
             stream_sequence=meta.sequence.stream,
             consumer=sub.name,
         )
-        loop = asyncio.get_running_loop()
-        heartbeat = _InProgressHeartbeat(loop, msg, sub.ack_wait / 3)
+        heartbeat.start(msg)
         started = time.perf_counter()
         try:
             with continue_trace(headers):
@@ -440,26 +455,40 @@ class ConsumerGroup(Generic[StateT]):
             heartbeat.cancel()
             metrics.failed.labels(sub.name).inc()
             if delivery >= sub.max_deliver:
-                log.exception("handler failed for the last time", extra={"consumer": sub.name, "subject": msg.subject})
+                log.exception(
+                    "handler failed for the last time",
+                    extra={"consumer": sub.name, "subject": msg.subject},
+                )
                 await self._dead_letter(sub, msg, f"failed {delivery} times: {exc!r}")
                 return
-            delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else sub.backoff_for(delivery)
+            delay = (
+                exc.delay if isinstance(exc, Retry) and exc.delay is not None else sub.backoff_for(delivery)
+            )
             if isinstance(exc, Retry):
-                log.info("handler asked for a retry", extra={"consumer": sub.name, "reason": str(exc), "delay_s": delay})
+                log.info(
+                    "handler asked for a retry",
+                    extra={"consumer": sub.name, "reason": str(exc), "delay_s": delay},
+                )
             else:
-                log.exception("handler failed, will retry", extra={"consumer": sub.name, "subject": msg.subject, "delay_s": delay})
+                log.exception(
+                    "handler failed, will retry",
+                    extra={"consumer": sub.name, "subject": msg.subject, "delay_s": delay},
+                )
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak(delay=delay)
             return
         heartbeat.cancel()
-        metrics.handling_seconds.labels(sub.name).observe(time.perf_counter() - started)
+        counters.handling_seconds.observe(time.perf_counter() - started)
         try:
             await msg.ack()
         except nats.errors.Error as exc:
             # The handler's work is done and idempotent; the redelivery will be a no-op.
-            log.warning("ack failed; message will be redelivered", extra={"consumer": sub.name, "error": repr(exc)})
+            log.warning(
+                "ack failed; message will be redelivered",
+                extra={"consumer": sub.name, "error": repr(exc)},
+            )
             return
-        metrics.processed.labels(sub.name).inc()
+        counters.processed.inc()
 
     async def _dead_letter(self, sub: Subscriber, msg: Msg, reason: str) -> None:
         meta = msg.metadata
@@ -479,7 +508,10 @@ class ConsumerGroup(Generic[StateT]):
         try:
             await self.bus.publish_bytes(dead_letter_subject(sub.stream.name, sub.name), msg.data, headers)
         except PublishError:
-            log.exception("dead-letter publish failed; the message stays in its stream", extra={"consumer": sub.name})
+            log.exception(
+                "dead-letter publish failed; the message stays in its stream",
+                extra={"consumer": sub.name},
+            )
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak(delay=sub.backoff_for(meta.num_delivered))
             return
@@ -487,7 +519,12 @@ class ConsumerGroup(Generic[StateT]):
         self.bus.metrics.dead_lettered.labels(sub.name, category).inc()
         log.warning(
             "message dead-lettered",
-            extra={"consumer": sub.name, "subject": msg.subject, "sequence": meta.sequence.stream, "reason": reason_text},
+            extra={
+                "consumer": sub.name,
+                "subject": msg.subject,
+                "sequence": meta.sequence.stream,
+                "reason": reason_text,
+            },
         )
         with contextlib.suppress(nats.errors.Error):
             await msg.ack()
@@ -497,27 +534,71 @@ def dead_letter_subject(stream: str, consumer: str) -> str:
     return f"{DEAD_LETTER_PREFIX}.{stream}.{consumer}"
 
 
-class _InProgressHeartbeat:
-    """Tells JetStream a slow handler is still working, so the message is not redelivered meanwhile."""
+class _ConsumerMetrics:
+    """A consumer's labelled metric series, looked up once instead of on every message.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, msg: Msg, interval: float) -> None:
+    Each is looked up on first use, so a series appears exactly when `labels()` would create it.
+    """
+
+    def __init__(self, metrics: BusMetrics, consumer: str) -> None:
+        self._metrics = metrics
+        self._consumer = consumer
+
+    @functools.cached_property
+    def handling_seconds(self) -> Histogram:
+        return self._metrics.handling_seconds.labels(self._consumer)
+
+    @functools.cached_property
+    def processed(self) -> Counter:
+        return self._metrics.processed.labels(self._consumer)
+
+
+class _InProgressHeartbeat:
+    """Tells JetStream a slow handler is still working, so the message is not redelivered meanwhile.
+
+    One per consumer, which handles one message at a time: `start(msg)` when a handler starts,
+    `cancel()` when it ends. A message whose handler still runs `interval` seconds after it started
+    gets an in-progress ack then and every `interval` seconds after. One timer serves all of the
+    consumer's messages, so a fast handler costs no timer of its own: when the timer comes due for
+    a message that has finished since, it is moved to the current message's due time.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         self._loop = loop
-        self._msg = msg
         self._interval = max(interval, 0.5)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handle: asyncio.TimerHandle | None = loop.call_later(self._interval, self._tick)
+        self._msg: Msg | None = None
+        self._due = 0.0
+        self._armed_for = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self, msg: Msg) -> None:
+        self._msg = msg
+        self._due = self._loop.time() + self._interval
+        if self._handle is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._armed_for = self._due
+        self._handle = self._loop.call_at(self._due, self._tick)
 
     def _tick(self) -> None:
-        task = self._loop.create_task(self._send())
+        self._handle = None
+        msg = self._msg
+        if msg is None:
+            return  # idle; the next start() arms the timer again
+        if self._armed_for < self._due:
+            self._arm()  # armed for an earlier message: wait for this one's due time
+            return
+        task = self._loop.create_task(self._send(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self._handle = self._loop.call_later(self._interval, self._tick)
+        self._due = self._loop.time() + self._interval
+        self._arm()
 
-    async def _send(self) -> None:
+    async def _send(self, msg: Msg) -> None:
         with contextlib.suppress(nats.errors.Error):
-            await self._msg.in_progress()
+            await msg.in_progress()
 
     def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._msg = None

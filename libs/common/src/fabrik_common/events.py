@@ -24,6 +24,8 @@ ProjectName = Annotated[
     msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63, description="DNS-1123 label"),
 ]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# Every timestamp on the wire carries its offset; a naive time is rejected on decode.
+UtcDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 RunState = Literal[
@@ -51,7 +53,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     SUBJECT: ClassVar[str] = ""
 
     event_id: str = msgspec.field(default_factory=new_ulid)
-    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+    occurred_at: UtcDatetime = msgspec.field(default_factory=utcnow)
     schema_version: int = SCHEMA_VERSION
 
     def subject(self) -> str:
@@ -124,7 +126,7 @@ class RunParameters(msgspec.Struct, frozen=True, kw_only=True):
     budget_usd: NonNegFloat | None = None
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     schedule_id: str | None = None
-    schedule_slot: datetime | None = None
+    schedule_slot: UtcDatetime | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,12 +149,16 @@ class RunRequested(RunEventBase, frozen=True, kw_only=True, tag="run.requested")
 
 
 class RunCancelRequested(RunEventBase, frozen=True, kw_only=True, tag="run.cancel_requested"):
+    """A user or the platform (reaper, budget) asked to stop a run. Emitted by gateway and scheduler."""
+
     SUBJECT = "fabrik.runs.cancel_requested.{run_id}"
     requested_by: str
     reason: str = ""
 
 
 class RunResumeRequested(RunEventBase, frozen=True, kw_only=True, tag="run.resume_requested"):
+    """A user asked to continue a failed, timed-out or cancelled run with a new attempt."""
+
     SUBJECT = "fabrik.runs.resume_requested.{run_id}"
     requested_by: str
 
@@ -175,7 +181,7 @@ class RunDispatched(RunEventBase, frozen=True, kw_only=True, tag="run.dispatched
     params: RunParameters
     image_digest: str | None = None
     experiment_arm: str | None = None
-    deadline: datetime
+    deadline: UtcDatetime
 
 
 class RunStateChanged(RunEventBase, frozen=True, kw_only=True, tag="run.state_changed"):
@@ -262,7 +268,7 @@ RunEvent = (
 
 
 class LogLine(msgspec.Struct, frozen=True, kw_only=True):
-    ts: datetime
+    ts: UtcDatetime
     stream: Literal["stdout", "stderr", "system"]
     text: str
 
@@ -316,14 +322,18 @@ LlmEvent = LlmUsage
 
 
 class GithubDeliveryReceived(Event, frozen=True, kw_only=True, tag="ingest.github"):
+    """A GitHub webhook delivery whose signature was verified; `body` is the payload as received."""
+
     SUBJECT = "fabrik.ingest.github.{github_event}"
     delivery_id: str
     github_event: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]+$")]
     body: str
-    received_at: datetime
+    received_at: UtcDatetime
 
 
 class SlackCommandReceived(Event, frozen=True, kw_only=True, tag="ingest.slack.command"):
+    """A Slack slash command whose signature and timestamp were verified."""
+
     SUBJECT = "fabrik.ingest.slack.command"
     request_id: str
     command: str
@@ -333,7 +343,7 @@ class SlackCommandReceived(Event, frozen=True, kw_only=True, tag="ingest.slack.c
     team_id: str = ""
     channel_id: str = ""
     response_url: str = ""
-    received_at: datetime
+    received_at: UtcDatetime
 
 
 IngestEvent = GithubDeliveryReceived | SlackCommandReceived
@@ -360,6 +370,8 @@ class AlertRaised(Event, frozen=True, kw_only=True, tag="alert.raised"):
 
 
 class AlertResolved(Event, frozen=True, kw_only=True, tag="alert.resolved"):
+    """The alert episode `key` is over: the condition is healthy again."""
+
     SUBJECT = "fabrik.alerts.resolved"
     alert_id: str
     key: str
@@ -385,6 +397,8 @@ BackupState = Literal["requested", "running", "succeeded", "failed", "cancelling
 
 
 class BackupRequested(Event, frozen=True, kw_only=True, tag="backup.requested"):
+    """A backup, verify or restore operation was asked for (by a user or a backup schedule)."""
+
     SUBJECT = "fabrik.backup.requested.{operation_id}"
     operation_id: str
     operation: BackupOperation
@@ -395,12 +409,16 @@ class BackupRequested(Event, frozen=True, kw_only=True, tag="backup.requested"):
 
 
 class BackupCancelRequested(Event, frozen=True, kw_only=True, tag="backup.cancel_requested"):
+    """A user asked to cancel a running backup operation."""
+
     SUBJECT = "fabrik.backup.cancel_requested.{operation_id}"
     operation_id: str
     requested_by: str
 
 
 class BackupStateChanged(Event, frozen=True, kw_only=True, tag="backup.state_changed"):
+    """A backup operation moved through its state machine, with its progress."""
+
     SUBJECT = "fabrik.backup.state_changed.{operation_id}"
     operation_id: str
     operation: BackupOperation
@@ -412,6 +430,8 @@ class BackupStateChanged(Event, frozen=True, kw_only=True, tag="backup.state_cha
 
 
 class ExperimentChanged(Event, frozen=True, kw_only=True, tag="optimizer.experiment_changed"):
+    """An experiment was proposed, started, paused or ended."""
+
     SUBJECT = "fabrik.optimizer.experiment_changed.{experiment_id}"
     experiment_id: str
     status: Literal["proposed", "running", "paused", "shipped", "rolled_back", "stopped", "invalid"]
@@ -420,6 +440,8 @@ class ExperimentChanged(Event, frozen=True, kw_only=True, tag="optimizer.experim
 
 
 class ExperimentDecision(Event, frozen=True, kw_only=True, tag="optimizer.decision"):
+    """The optimizer's statistical decision on an experiment, with the numbers behind it."""
+
     SUBJECT = "fabrik.optimizer.decision.{experiment_id}"
     experiment_id: str
     decision: Literal["invalid", "rollback", "ship", "continue", "stop"]
@@ -428,6 +450,8 @@ class ExperimentDecision(Event, frozen=True, kw_only=True, tag="optimizer.decisi
 
 
 class ConfigChanged(Event, frozen=True, kw_only=True, tag="optimizer.config_changed"):
+    """A run-configuration default in the `config` KV changed (rollout, rollback or by hand)."""
+
     SUBJECT = "fabrik.optimizer.config_changed"
     key: str
     old: Any
@@ -438,6 +462,8 @@ class ConfigChanged(Event, frozen=True, kw_only=True, tag="optimizer.config_chan
 
 
 class BudgetLevelCrossed(Event, frozen=True, kw_only=True, tag="optimizer.budget_level_crossed"):
+    """Spend crossed a budget's warning or limit level in a period (once per level per period)."""
+
     SUBJECT = "fabrik.optimizer.budget_level_crossed"
     scope: Literal["global", "project"]
     project: str | None = None

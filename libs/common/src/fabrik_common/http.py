@@ -40,7 +40,11 @@ def health_routes(probe: HealthProbe, registry: CollectorRegistry) -> list[Contr
         results = probe.results()
         ready = all(results.values())
         return Response(
-            {"status": "ready" if ready else "not ready", "service": probe.service, "checks": results},
+            {
+                "status": "ready" if ready else "not ready",
+                "service": probe.service,
+                "checks": results,
+            },
             status_code=200 if ready else 503,
         )
 
@@ -75,7 +79,13 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     def __init__(self, app: Any, host: str, port: int) -> None:
         config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
         )
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None

@@ -8,7 +8,10 @@ from datetime import UTC, datetime
 from ulid import ULID
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_RULE = "must be a DNS-1123 label: lowercase letters, digits and '-', start and end alphanumeric, at most 63 characters"
+DNS1123_RULE = (
+    "must be a DNS-1123 label: lowercase letters, digits and '-', "
+    "start and end alphanumeric, at most 63 characters"
+)
 _ULID_TEXT = re.compile(r"^[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{26}$")
 
 

@@ -11,7 +11,11 @@ import msgspec
 
 from fabrik_common.tracing import current_span
 
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 _encoder = msgspec.json.Encoder(enc_hook=repr)
 
 

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 class BusMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         labels = ("consumer",)
         self.processed = Counter(
             "fabrik_messages_processed", "Messages handled and acked", labels, registry=registry
@@ -28,13 +29,34 @@ class BusMetrics:
             "Time spent in the handler",
             labels,
             registry=registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            buckets=(
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+            ),
         )
         self.published = Counter(
-            "fabrik_events_published", "Events published (acknowledged by JetStream)", ("type",), registry=registry
+            "fabrik_events_published",
+            "Events published (acknowledged by JetStream)",
+            ("type",),
+            registry=registry,
         )
         self.publish_retries = Counter(
-            "fabrik_publish_retries", "Publish attempts retried after a timeout or disconnect", registry=registry
+            "fabrik_publish_retries",
+            "Publish attempts retried after a timeout or disconnect",
+            registry=registry,
         )
         self.connected = Gauge("fabrik_nats_connected", "1 while connected to NATS", registry=registry)
         self.reconnects = Counter("fabrik_nats_reconnects", "Reconnections to NATS", registry=registry)

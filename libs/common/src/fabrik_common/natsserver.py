@@ -47,7 +47,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now.
+
+    SO_REUSEADDR as nats-server and uvicorn set it: connections of a stopped server lingering in
+    TIME_WAIT do not make the port busy, a live listener does.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -121,7 +127,7 @@ class NatsServer:
                     f"nats-server exited with code {self._proc.returncode}; see {self.log_file}"
                 )
             try:
-                with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback URL we built
+                with urllib.request.urlopen(url, timeout=1) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError) as exc:

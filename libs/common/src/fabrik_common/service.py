@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from litestar.types import ControllerRouterHandler
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from fabrik_common.bus import Bus, BusOptions, ConsumerGroup, Router
 from fabrik_common.http import HealthProbe, HttpServer, build_http_app
+from fabrik_common.lease import LeaderLease
 from fabrik_common.log import configure_logging
 from fabrik_common.metrics import BusMetrics
 from fabrik_common.settings import CommonSettings, SettingsError, load_settings
@@ -46,6 +48,9 @@ class Service(Generic[StateT]):
         http_app_kwargs: dict[str, Any] | None = None,
         topology: TopologyLimits | None = None,
         background: Sequence[Callable[[StateT], Awaitable[None]]] = (),
+        leader_lease: str | None = None,
+        on_elected: Callable[[StateT], Awaitable[None]] | None = None,
+        lease_ttl: float = 6.0,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -81,6 +86,14 @@ class Service(Generic[StateT]):
         self._consumers: ConsumerGroup[StateT] | None = None
         self._state: StateT | None = None
         self._stop_requested = asyncio.Event()
+        self.leader_lease_name = leader_lease
+        self.lease_ttl = lease_ttl
+        self._on_elected = on_elected
+        self.lease: LeaderLease | None = None
+        self._campaign: asyncio.Task[None] | None = None
+        self._leader_gauge = Gauge(
+            "fabrik_leader", "1 while this replica is the leader (or needs no leader)", registry=self.registry
+        )
 
     @property
     def state(self) -> StateT:
@@ -90,22 +103,75 @@ class Service(Generic[StateT]):
 
     async def start(self) -> None:
         await self.http.start()
-        await self.bus.connect()
-        await ensure_topology(self.bus.js, self.topology)
-        self._state = await self._on_start(self) if self._on_start else None  # type: ignore[assignment]
-        subscribers = [s for router in self.routers for s in router.subscribers]
-        self._consumers = ConsumerGroup(self.bus, subscribers, self._state)
-        await self._consumers.start()
-        for factory in self._background_factories:
-            self._background.append(asyncio.create_task(self._supervise(factory)))
+        try:
+            await self._start_after_http()
+        except BaseException:
+            # A failed start must not leave a half-started service (port bound, connection open).
+            await self.bus.close()
+            await self.http.stop()
+            raise
         self._started = True
         log.info("service started", extra={"http_port": self.http.port, "instance": self.instance_id})
+
+    async def _start_after_http(self) -> None:
+        await self.bus.connect()
+        await ensure_topology(self.bus.js, self.topology)
+        if self._on_start is not None:
+            self._state = await self._on_start(self)
+        if self.leader_lease_name is None:
+            await self._start_work()
+            self._leader_gauge.set(1)
+        else:
+            kv = await self.bus.js.key_value("leases")
+            self.lease = LeaderLease(
+                kv,
+                self.leader_lease_name,
+                self.instance_id,
+                ttl=self.lease_ttl,
+                renew_interval=self.lease_ttl / 4,
+            )
+            self._campaign = asyncio.create_task(
+                self.lease.run(self._elected, self._deposed, self._stop_requested), name="lease"
+            )
+
+    @property
+    def is_leader(self) -> bool:
+        return self.lease is None or self.lease.is_leader
+
+    async def _elected(self) -> None:
+        if self._on_elected is not None:
+            await self._on_elected(self.state)
+        await self._start_work()
+        self._leader_gauge.set(1)
+
+    async def _deposed(self) -> None:
+        self._leader_gauge.set(0)
+        await self._stop_work()
+
+    async def _start_work(self) -> None:
+        """Consumers and background tasks: everything a (leading) replica does."""
+        subscribers = [s for router in self.routers for s in router.subscribers]
+        # A service without on_start has no state; its handlers are typed Context[None].
+        self._consumers = ConsumerGroup(self.bus, subscribers, cast(StateT, self._state))
+        await self._consumers.start()
+        self._background = [asyncio.create_task(self._supervise(f)) for f in self._background_factories]
+
+    async def _stop_work(self) -> None:
+        if self._consumers is not None:
+            await self._consumers.stop(self.settings.shutdown_grace_seconds)
+            self._consumers = None
+        background, self._background = self._background, []
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _supervise(self, factory: Callable[[StateT], Awaitable[None]]) -> None:
         name = getattr(factory, "__qualname__", repr(factory))
         while not self._stop_requested.is_set():
             try:
-                await factory(self.state)
+                await factory(cast(StateT, self._state))
                 return
             except asyncio.CancelledError:
                 raise
@@ -116,16 +182,12 @@ class Service(Generic[StateT]):
     async def stop(self) -> None:
         self._started = False
         self._stop_requested.set()
-        grace = self.settings.shutdown_grace_seconds
-        if self._consumers is not None:
-            await self._consumers.stop(grace)
-        for task in self._background:
-            task.cancel()
-        for task in self._background:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        if self._campaign is not None:
+            # The campaign stops the work when it steps down, then releases the lease.
+            await self._campaign
+            self._campaign = None
+        else:
+            await self._stop_work()
         if self._on_stop is not None and self._state is not None:
             await self._on_stop(self._state)
         await self.bus.close()
@@ -149,9 +211,7 @@ class Service(Generic[StateT]):
                 loop.remove_signal_handler(sig)
 
 
-def run_service(
-    settings_cls: type[SettingsT], build: Callable[[SettingsT], Service[Any]], name: str
-) -> None:
+def run_service(settings_cls: type[SettingsT], build: Callable[[SettingsT], Service[Any]], name: str) -> None:
     """The `main()` of every service: settings from the environment, JSON logs, run until signalled."""
     try:
         settings = load_settings(settings_cls)

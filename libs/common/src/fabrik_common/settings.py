@@ -80,9 +80,7 @@ def _describe_rule(tp: Any) -> str:
     return getattr(base, "__name__", str(base))
 
 
-def load_settings(
-    cls: type[S], environ: Mapping[str, str] | None = None, prefix: str = ENV_PREFIX
-) -> S:
+def load_settings(cls: type[S], environ: Mapping[str, str] | None = None, prefix: str = ENV_PREFIX) -> S:
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     problems: list[str] = []

@@ -25,7 +25,9 @@ class StreamSpec:
     codec: EventCodec[Any] | None = None
     bounded: bool = False
 
-    def config(self, replicas: int, *, max_age: float = 0, max_bytes: int = -1, duplicate_window: float) -> api.StreamConfig:
+    def config(
+        self, replicas: int, *, max_age: float = 0, max_bytes: int = -1, duplicate_window: float
+    ) -> api.StreamConfig:
         return api.StreamConfig(
             name=self.name,
             subjects=list(self.subjects),
@@ -42,8 +44,19 @@ class StreamSpec:
         )
 
 
-RUNS = StreamSpec("RUNS", ("fabrik.runs.>",), "Run lifecycle: requests, scheduler decisions, executor reports", EventCodec(RunEvent))
-LOGS = StreamSpec("LOGS", ("fabrik.logs.>",), "Workload output per run, bounded by age and bytes", EventCodec(LogEvent), bounded=True)
+RUNS = StreamSpec(
+    "RUNS",
+    ("fabrik.runs.>",),
+    "Run lifecycle: requests, scheduler decisions, executor reports",
+    EventCodec(RunEvent),
+)
+LOGS = StreamSpec(
+    "LOGS",
+    ("fabrik.logs.>",),
+    "Workload output per run, bounded by age and bytes",
+    EventCodec(LogEvent),
+    bounded=True,
+)
 LLM = StreamSpec("LLM", ("fabrik.llm.>",), "One usage event per LLM call", EventCodec(LlmEvent))
 INGEST = StreamSpec("INGEST", ("fabrik.ingest.>",), "Verified webhooks, as received", EventCodec(IngestEvent))
 OPS = StreamSpec(
@@ -76,6 +89,8 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec("tokens", "Hashed API tokens"),
     BucketSpec("limits", "Shared counters for rate limits and budgets"),
     BucketSpec("leases", "Leader-election leases of services that need one decider"),
+    BucketSpec("queue", "The scheduler's queue snapshot in dispatch order; written only by the scheduler"),
+    BucketSpec("idempotency", "Idempotency-Key of submits -> run id, kept a day", ttl_seconds=24 * 3600),
 )
 
 OBJECT_STORES: tuple[BucketSpec, ...] = (BucketSpec("artifacts", "Run artifacts"),)
@@ -100,14 +115,14 @@ def stream_for_subject(subject: str) -> StreamSpec:
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
-    p_tokens = pattern.split(".")
-    s_tokens = subject.split(".")
-    for i, token in enumerate(p_tokens):
-        if token == ">":
-            return len(s_tokens) > i
-        if i >= len(s_tokens) or (token != "*" and token != s_tokens[i]):
+    pattern_parts = pattern.split(".")
+    subject_parts = subject.split(".")
+    for i, part in enumerate(pattern_parts):
+        if part == ">":
+            return len(subject_parts) > i
+        if i >= len(subject_parts) or part not in ("*", subject_parts[i]):
             return False
-    return len(p_tokens) == len(s_tokens)
+    return len(pattern_parts) == len(subject_parts)
 
 
 def stream_config(spec: StreamSpec, limits: TopologyLimits) -> api.StreamConfig:
@@ -159,16 +174,23 @@ async def ensure_topology(js: JetStreamContext, limits: TopologyLimits | None = 
         try:
             await js.key_value(bucket.name)
         except NotFoundError:
-            await js.create_key_value(kv_config)
+            try:
+                await js.create_key_value(kv_config)
+            except BadRequestError:
+                # Created by another replica meanwhile; make sure it is really there now.
+                await js.key_value(bucket.name)
     for store in OBJECT_STORES:
         try:
             await js.object_store(store.name)
         except NotFoundError:
-            await js.create_object_store(
-                store.name,
-                api.ObjectStoreConfig(
-                    description=store.description,
-                    storage=api.StorageType.FILE,
-                    replicas=limits.replicas,
-                ),
-            )
+            try:
+                await js.create_object_store(
+                    store.name,
+                    api.ObjectStoreConfig(
+                        description=store.description,
+                        storage=api.StorageType.FILE,
+                        replicas=limits.replicas,
+                    ),
+                )
+            except BadRequestError:
+                await js.object_store(store.name)

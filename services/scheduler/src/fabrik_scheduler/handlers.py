@@ -1,7 +1,31 @@
-"""The scheduler service's subscribers: one typed async function per subject."""
+"""The scheduler's subscriber: every input of the state machine, through one consumer.
+
+One durable consumer over all the subjects keeps each run's events in stream order (a run's
+`finished` is never handled before its `started`) and serialises every decision.
+"""
 
 from __future__ import annotations
 
-from fabrik_common.bus import Router
+from fabrik_common.bus import Context, Router
+from fabrik_scheduler.scheduler import SchedulerInput
+from fabrik_scheduler.state import SchedulerState
 
 router = Router()
+
+INPUT_SUBJECTS = (
+    "fabrik.runs.requested.*",
+    "fabrik.runs.cancel_requested.*",
+    "fabrik.runs.resume_requested.*",
+    "fabrik.runs.started.*",
+    "fabrik.runs.progress.*",
+    "fabrik.runs.result.*",
+    "fabrik.runs.finished.*",
+    "fabrik.runs.budget_exceeded.*",
+)
+
+
+@router.subscriber(*INPUT_SUBJECTS, durable="scheduler-inputs", max_deliver=10, batch=256)
+async def on_run_input(event: SchedulerInput, ctx: Context[SchedulerState]) -> None:
+    async with ctx.state.lock:
+        await ctx.state.scheduler.handle(event, redelivered=ctx.redelivered)
+        await ctx.state.scheduler.dispatch()

@@ -43,7 +43,7 @@ class NatsServerLike(Protocol):
 
 def docker_available() -> bool:
     try:
-        import docker  # type: ignore[import-untyped]  # noqa: PLC0415 - only where Docker is asked for
+        import docker  # type: ignore[import-untyped]
 
         docker.from_env().ping()
     except Exception:  # noqa: BLE001 - any failure means "no usable engine"
@@ -57,9 +57,11 @@ class ContainerNatsServer:
     IMAGE = "nats:2.11-alpine"
 
     def __init__(self) -> None:
-        from testcontainers.core.container import DockerContainer  # noqa: PLC0415
+        from testcontainers.core.container import DockerContainer
 
-        self._container: Any = DockerContainer(self.IMAGE).with_command("-js -sd /data").with_exposed_ports(4222)
+        self._container: Any = (
+            DockerContainer(self.IMAGE).with_command("-js -sd /data").with_exposed_ports(4222)
+        )
 
     @property
     def url(self) -> str:
@@ -121,16 +123,23 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, ready_timeout: float = 30.0) -> ServiceProcess:
+        self.start_process()
+        self.wait_ready(ready_timeout)
+        return self
+
+    def start_process(self) -> None:
+        """Launch without waiting for readiness."""
         out: Any = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module, *self.argv], env=self.env, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", self.module, *self.argv],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         finally:
             if self.log_path:
                 out.close()
-        self.wait_ready(ready_timeout)
-        return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

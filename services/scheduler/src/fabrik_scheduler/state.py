@@ -1,0 +1,51 @@
+"""What the scheduler's handlers and loops share, and the loops that run while it leads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from fabrik_scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerState:
+    scheduler: Scheduler
+    # Every decision (handler, dispatch, reaper) holds this lock: one decider at a time.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+async def dispatch_loop(state: SchedulerState) -> None:
+    """Dispatch on a clock too, so capacity freed without an event (limits raised) is used."""
+    interval = state.scheduler.settings.dispatch_interval_seconds
+    while True:
+        async with state.lock:
+            await state.scheduler.dispatch()
+        await asyncio.sleep(interval)
+
+
+async def reaper_loop(state: SchedulerState) -> None:
+    interval = state.scheduler.settings.reaper_interval_seconds
+    while True:
+        async with state.lock:
+            reaped = await state.scheduler.reap()
+        if reaped:
+            log.warning(
+                "reaper forced runs past their deadline into a terminal state", extra={"runs": reaped}
+            )
+        await asyncio.sleep(interval)
+
+
+async def snapshot_loop(state: SchedulerState) -> None:
+    interval = state.scheduler.settings.snapshot_interval_seconds
+    while True:
+        async with state.lock:
+            snapshot_needed = state.scheduler.snapshot_dirty
+            snapshot = state.scheduler.snapshot() if snapshot_needed else None
+            state.scheduler.snapshot_dirty = False
+        if snapshot is not None:
+            await state.scheduler.store.write_snapshot(snapshot)
+        await asyncio.sleep(interval)

@@ -1,0 +1,88 @@
+"""Run records in the `runs` KV bucket, written with revision checks (compare-and-set)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+import nats.errors
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from fabrik_common.runs import QueueSnapshot, RunRecord
+
+_encode = msgspec.json.Encoder().encode
+_decode_record = msgspec.json.Decoder(RunRecord).decode
+_encode_snapshot = msgspec.json.Encoder().encode
+
+
+class RunStore:
+    def __init__(self, runs: KeyValue, queue: KeyValue) -> None:
+        self.runs = runs
+        self.queue = queue
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        try:
+            entry = await self.runs.get(run_id)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        record = _decode_record(entry.value)
+        record.revision = entry.revision or 0
+        return record
+
+    async def create(self, record: RunRecord) -> RunRecord | None:
+        """Store a new record; None when the run already exists (a redelivered request)."""
+        try:
+            record.revision = await self.runs.create(record.run_id, _encode(record))
+        except KeyWrongLastSequenceError:
+            return None
+        return record
+
+    async def update(
+        self, record: RunRecord, change: Callable[[RunRecord], RunRecord | None], *, attempts: int = 5
+    ) -> RunRecord | None:
+        """Apply `change` and write it if nobody wrote since; re-read and re-apply on a conflict.
+
+        `change` returns the new record, or None when there is nothing to do.
+        """
+        current: RunRecord | None = record
+        for _ in range(attempts):
+            if current is None:
+                return None
+            updated = change(msgspec.structs.replace(current))
+            if updated is None:
+                return None
+            try:
+                updated.revision = await self.runs.update(
+                    updated.run_id, _encode(updated), last=current.revision
+                )
+            except KeyWrongLastSequenceError:
+                current = await self.get(record.run_id)
+                continue
+            return updated
+        raise RuntimeError(f"run {record.run_id}: too many concurrent writes")
+
+    async def load_all(self) -> dict[str, RunRecord]:
+        """Every run record, through one ordered watch rather than a get per key."""
+        records: dict[str, RunRecord] = {}
+        watcher = await self.runs.watchall(ignore_deletes=True)
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=30)  # type: ignore[no-untyped-call]  # nats-py is untyped here
+                except nats.errors.TimeoutError:
+                    raise RuntimeError("loading run records timed out") from None
+                if entry is None:
+                    break
+                if entry.value:
+                    record = _decode_record(entry.value)
+                    record.revision = entry.revision or 0
+                    records[record.run_id] = record
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return records
+
+    async def write_snapshot(self, snapshot: QueueSnapshot) -> None:
+        await self.queue.put("snapshot", _encode_snapshot(snapshot))
