@@ -274,3 +274,24 @@ async def test_trace_context_crosses_the_bus(nats_url: str) -> None:
         assert seen[0] == "4bf92f3577b34da6a3ce929d0e0e4736"
         assert seen[1] is not None
         assert seen[1] != seen[0]
+
+
+async def test_messages_waiting_behind_a_slow_handler_are_not_redelivered(nats_url: str) -> None:
+    """A batch that takes longer than ack_wait to work through keeps every message of it."""
+    calls: list[tuple[int, int]] = []
+    router = Router()
+
+    @router.subscriber("fabrik.runs.progress.*", durable="t-slow-batch", ack_wait=1.5, batch=4)
+    async def handle(event: RunProgress, ctx: Context[None]) -> None:
+        calls.append((event.finished or 0, ctx.delivery))
+        await asyncio.sleep(0.9)
+
+    async with connected_bus(nats_url) as bus:
+        for i in range(4):
+            await bus.publish(progress(i))
+        async with consuming(bus, router):
+            await eventually(lambda: len(calls) >= 4, timeout=15)
+            await asyncio.sleep(2.0)
+        assert sorted(calls) == [(0, 1), (1, 1), (2, 1), (3, 1)]
+        info = await bus.js.consumer_info("RUNS", "t-slow-batch")
+        assert info.num_redelivered == 0

@@ -401,12 +401,16 @@ class ConsumerGroup(Generic[StateT]):
                         break
                     await asyncio.sleep(0.5)
                     continue
+                heartbeat.batch = msgs
                 for index, msg in enumerate(msgs):
                     if self._stopping.is_set():
                         await self._return_unstarted(msgs[index:])
                         break
+                    heartbeat.position = index
                     await self._handle(sub, msg, heartbeat, counters)
+                heartbeat.batch = []
         finally:
+            heartbeat.close()
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
                 await psub.unsubscribe()
 
@@ -448,11 +452,9 @@ class ConsumerGroup(Generic[StateT]):
             with continue_trace(headers):
                 await sub.handler(event, ctx)
         except Reject as exc:
-            heartbeat.cancel()
             await self._dead_letter(sub, msg, f"rejected: {exc}")
             return
-        except Exception as exc:
-            heartbeat.cancel()
+        except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
             metrics.failed.labels(sub.name).inc()
             if delivery >= sub.max_deliver:
                 log.exception(
@@ -477,7 +479,8 @@ class ConsumerGroup(Generic[StateT]):
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak(delay=delay)
             return
-        heartbeat.cancel()
+        finally:
+            heartbeat.cancel()
         counters.handling_seconds.observe(time.perf_counter() - started)
         try:
             await msg.ack()
@@ -557,7 +560,9 @@ class _InProgressHeartbeat:
     """Tells JetStream a slow handler is still working, so the message is not redelivered meanwhile.
 
     One per consumer, which handles one message at a time: `start(msg)` when a handler starts,
-    `cancel()` when it ends. A message whose handler still runs `interval` seconds after it started
+    `cancel()` when it ends. The messages of the batch still waiting behind a slow handler
+    (`batch[position + 1:]`) get the same in-progress acks, so they are not redelivered to another
+    replica while this one is busy. A message whose handler still runs `interval` seconds after it started
     gets an in-progress ack then and every `interval` seconds after. One timer serves all of the
     consumer's messages, so a fast handler costs no timer of its own: when the timer comes due for
     a message that has finished since, it is moved to the current message's due time.
@@ -571,6 +576,8 @@ class _InProgressHeartbeat:
         self._due = 0.0
         self._armed_for = 0.0
         self._handle: asyncio.TimerHandle | None = None
+        self.batch: Sequence[Msg] = []
+        self.position = 0
 
     def start(self, msg: Msg) -> None:
         self._msg = msg
@@ -590,15 +597,22 @@ class _InProgressHeartbeat:
         if self._armed_for < self._due:
             self._arm()  # armed for an earlier message: wait for this one's due time
             return
-        task = self._loop.create_task(self._send(msg))
+        task = self._loop.create_task(self._send([msg, *self.batch[self.position + 1 :]]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._due = self._loop.time() + self._interval
         self._arm()
 
-    async def _send(self, msg: Msg) -> None:
-        with contextlib.suppress(nats.errors.Error):
-            await msg.in_progress()
+    async def _send(self, msgs: Sequence[Msg]) -> None:
+        for msg in msgs:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
 
     def cancel(self) -> None:
         self._msg = None
+
+    def close(self) -> None:
+        """The consumer has stopped: drop the idle timer (a handler still running keeps its acks)."""
+        if self._msg is None and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
