@@ -454,7 +454,7 @@ class ConsumerGroup(Generic[StateT]):
         except Reject as exc:
             await self._dead_letter(sub, msg, f"rejected: {exc}")
             return
-        except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
+        except Exception as exc:
             metrics.failed.labels(sub.name).inc()
             if delivery >= sub.max_deliver:
                 log.exception(
