@@ -33,6 +33,7 @@ from fabrik_common.bus import (
 from fabrik_common.codec import all_event_types
 from fabrik_common.events import SCHEMA_VERSION, Event
 from fabrik_common.settings import CommonSettings
+from fabrik_common.specs import spec_json_schema, todo_json_schema
 from fabrik_common.topology import (
     DEAD_LETTER_PREFIX,
     DEADLETTER,
@@ -575,6 +576,9 @@ def contract_files(openapi: Mapping[str, Any]) -> dict[str, str]:
     }
     files[ASYNCAPI_FILE] = render_json(asyncapi_document())
     files[OPENAPI_FILE] = render_json(openapi)
+    # The run spec and todo documents users submit (POST /api/v1/runs, `fabrik spec validate`).
+    files[f"{CONTRACTS_DIR}/spec.schema.json"] = render_json(spec_json_schema())
+    files[f"{CONTRACTS_DIR}/todo.schema.json"] = render_json(todo_json_schema())
     return files
 
 

@@ -2,16 +2,101 @@
 
 from __future__ import annotations
 
-from fabrik_common.service import Service, run_service
+from typing import Any
 
+import msgspec
+from litestar import Litestar, Request
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Schema
+
+from fabrik_common import specs
+from fabrik_common.service import Service, run_service
+from fabrik_gateway import models
+from fabrik_gateway.api import RunsController, SystemController
+from fabrik_gateway.auth import Principal, current_principal
+from fabrik_gateway.gateway import Gateway
 from fabrik_gateway.handlers import router
+from fabrik_gateway.metrics import UNMATCHED, metrics_middleware
+from fabrik_gateway.problems import make_exception_handlers
 from fabrik_gateway.settings import GatewaySettings
 
 NAME = "gateway"
+API_VERSION = "1.0.0"
+OPENAPI_PATH = "/api/v1/openapi.json"
 
 
-def build(settings: GatewaySettings) -> Service[None]:
-    return Service(NAME, settings, routers=[router])
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="Fabrik API",
+        version=API_VERSION,
+        description=(
+            "Submit, watch, cancel and resume runs. Errors are RFC 9457 problem details "
+            "(`application/problem+json`); validation failures name every invalid field in `errors`."
+        ),
+        # The document is the root of the OpenAPI router, so that the router's catch-all for
+        # unknown documentation pages (an HTML 404) stays out of /api/v1/*.
+        path=OPENAPI_PATH,
+        render_plugins=[JsonRenderPlugin(path="/")],
+    )
+
+
+def build(settings: GatewaySettings) -> Service[Gateway]:
+    gateway = Gateway(settings)
+
+    def count_unmatched(request: Request[Any, Any, Any], status: int) -> None:
+        if gateway.metrics is not None:
+            gateway.metrics.observe(request.method, UNMATCHED, status, 0.0)
+
+    def provide_gateway() -> Gateway:
+        return gateway
+
+    service: Service[Gateway] = Service(
+        NAME,
+        settings,
+        routers=[router],
+        on_start=gateway.on_start,
+        on_stop=gateway.on_stop,
+        route_handlers=[RunsController, SystemController],
+        http_app_kwargs={
+            "dependencies": {
+                "gateway": Provide(provide_gateway, sync_to_thread=False),
+                "principal": Provide(current_principal),
+            },
+            "exception_handlers": make_exception_handlers(on_unmatched=count_unmatched),
+            "state": State({"gateway": gateway}),
+            "openapi_config": openapi_config(),
+            "middleware": [metrics_middleware(lambda: gateway.metrics)],
+            "request_max_body_size": settings.max_body_bytes,
+            "signature_namespace": {"Gateway": Gateway, "Principal": Principal},
+        },
+        background=[Gateway.watch_runs, Gateway.watch_queue],
+    )
+    gateway.attach(service)
+    close_strict_schemas(service.http_app)
+    return service
+
+
+def close_strict_schemas(app: Litestar) -> None:
+    """Litestar does not render msgspec's `forbid_unknown_fields`: mark those bodies
+    `additionalProperties: false` in the (cached) OpenAPI document, as the API enforces it."""
+    schemas = app.openapi_schema.components.schemas or {}
+    for name, schema in schemas.items():
+        model = _STRICT_MODELS.get(name)
+        if model is not None and isinstance(schema, Schema):
+            schema.additional_properties = False
+
+
+_STRICT_MODELS: dict[str, type[msgspec.Struct]] = {
+    cls.__name__: cls
+    for module in (models, specs)
+    for cls in vars(module).values()
+    if isinstance(cls, type)
+    and issubclass(cls, msgspec.Struct)
+    and cls.__struct_config__.forbid_unknown_fields
+}
 
 
 def main() -> None:

@@ -1,0 +1,8 @@
+"""The REST API under `/api/v1`: thin Litestar controllers over `Gateway`."""
+
+from __future__ import annotations
+
+from fabrik_gateway.api.runs import RunsController
+from fabrik_gateway.api.system import SystemController
+
+__all__ = ["RunsController", "SystemController"]

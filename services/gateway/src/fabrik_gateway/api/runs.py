@@ -1,0 +1,334 @@
+"""`/api/v1/runs`: submit, list, show, cancel, resume, logs and events of runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, JSONBody, Parameter, QueryParameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response.base import ASGIResponse
+
+from fabrik_common.events import TERMINAL_STATES
+from fabrik_gateway.api.params import (
+    QueryErrors,
+    bool_param,
+    cursor_param,
+    encode_cursor,
+    int_param,
+    labels_param,
+    project_param,
+    states_param,
+)
+from fabrik_gateway.auth import Principal
+from fabrik_gateway.gateway import IDEMPOTENCY_HEADER, Gateway
+from fabrik_gateway.models import (
+    ActionAccepted,
+    CancelRequest,
+    RunEvents,
+    RunLogs,
+    RunPage,
+    RunView,
+    SubmitRunRequest,
+)
+from fabrik_gateway.problems import PROBLEM_JSON, Problem
+from fabrik_gateway.streams import FollowEnd, FollowIdle, parse_log_cursor
+
+
+class EventStream(ServerSentEvent):
+    """Server-sent events whose media type survives a handler that otherwise answers JSON."""
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
+        kwargs["media_type"] = self.media_type
+        return super().to_asgi_response(*args, **kwargs)
+
+
+def _problem(description: str) -> ResponseSpec:
+    return ResponseSpec(
+        data_container=Problem, description=description, media_type=PROBLEM_JSON, generate_examples=False
+    )
+
+
+BAD_QUERY = {400: _problem("Invalid query parameters, each named in `errors`")}
+NOT_FOUND = {404: _problem("No such run")}
+UNAVAILABLE = {503: _problem("Not connected to NATS yet, or the read model is still loading")}
+
+
+async def validate_submit_body(request: Request[Any, Any, Any]) -> None:
+    """`before_request` of POST /runs: validate the raw body (and the Idempotency-Key) before
+    Litestar decodes it, naming every invalid field; the result waits in `request.state`."""
+    gateway: Gateway = request.app.state.gateway
+    request.state.submit = gateway.validate_submit(
+        await request.body(), request.headers.get(IDEMPOTENCY_HEADER)
+    )
+
+
+class RunsController(Controller):
+    path = "/api/v1/runs"
+    tags = ["runs"]
+
+    @post(
+        "/",
+        status_code=201,
+        summary="Submit a run",
+        description=(
+            "Validates the run (every invalid field is named in a 422), publishes `run.requested` and "
+            "answers 201 with the run in state `queued`. With an `Idempotency-Key` header, a retry with "
+            "the same body answers 200 with the same run (header `Idempotent-Replayed: true`) and "
+            "publishes nothing; the same key with a different body is a 422."
+        ),
+        before_request=validate_submit_body,
+        responses={
+            200: ResponseSpec(
+                data_container=RunView,
+                description="Idempotent replay: the run created before",
+                generate_examples=False,
+            ),
+            400: _problem("Malformed JSON or an invalid Idempotency-Key header"),
+            413: _problem("Body larger than the configured maximum"),
+            422: _problem("Invalid fields, each named in `errors`"),
+            **UNAVAILABLE,
+        },
+    )
+    async def submit(
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[SubmitRunRequest],
+        gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(
+                name=IDEMPOTENCY_HEADER,
+                required=False,
+                description="Makes a retried submit return the same run instead of a second one (kept 24 h)",
+            ),
+        ] = None,
+    ) -> Response[RunView]:
+        # `data` documents the body; `validate_submit_body` has validated the raw body before
+        # Litestar decoded it, so that every invalid field is named, not only the first one.
+        valid, key = request.state.submit
+        view, created = await gateway.submit(valid, key, principal)
+        headers = {"Location": f"{self.path}/{view.run_id}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return Response(view, status_code=201 if created else 200, headers=headers)
+
+    @get(
+        "/",
+        summary="List runs",
+        description=(
+            "Newest first. Filters combine with AND; `state` and `label` may repeat (`state` also takes a "
+            "comma-separated list: any of them). Pass `next_cursor` as `cursor` for the next page."
+        ),
+        responses={**BAD_QUERY, **UNAVAILABLE},
+    )
+    async def list_runs(
+        self,
+        gateway: NamedDependency[Gateway],
+        project: Annotated[str | None, Parameter(description="Only this project")] = None,
+        state_filter: Annotated[
+            list[str] | None, QueryParameter(name="state", description="Only runs in one of these states")
+        ] = None,
+        label: Annotated[
+            list[str] | None, Parameter(description="`key=value`: only runs with this label (repeatable)")
+        ] = None,
+        limit: Annotated[
+            str | None,
+            Parameter(
+                description="Page size (default 50, at most 500)",
+                schema_extra={"oneOf": None, "type": "integer", "minimum": 1},
+            ),
+        ] = None,
+        cursor: Annotated[str | None, Parameter(description="`next_cursor` of the previous page")] = None,
+    ) -> RunPage:
+        settings = gateway.settings
+        errors = QueryErrors()
+        project_name = project_param(errors, project)
+        states = states_param(errors, state_filter)
+        labels = labels_param(errors, label)
+        page_size = int_param(
+            errors,
+            "limit",
+            limit,
+            default=settings.list_default_limit,
+            minimum=1,
+            maximum=settings.list_max_limit,
+        )
+        before = cursor_param(errors, cursor)
+        errors.raise_if_any()
+        gateway.require_ready()
+        assert page_size is not None
+        records, next_id = gateway.readmodel.query(
+            project=project_name, states=states, labels=labels, before=before, limit=page_size
+        )
+        return RunPage(
+            items=[gateway.readmodel.view(r) for r in records],
+            next_cursor=encode_cursor(next_id) if next_id else None,
+        )
+
+    @get("/{run_id:str}", summary="Show a run", responses={**NOT_FOUND, **UNAVAILABLE})
+    async def get_run(self, gateway: NamedDependency[Gateway], run_id: FromPath[str]) -> RunView:
+        return gateway.readmodel.view(gateway.find(run_id))
+
+    @post(
+        "/{run_id:str}/cancel",
+        status_code=202,
+        summary="Cancel a run",
+        description="Idempotent while the run is not finished; 409 once it is.",
+        responses={409: _problem("The run has finished"), **NOT_FOUND, **UNAVAILABLE},
+    )
+    async def cancel(
+        self,
+        gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
+        run_id: FromPath[str],
+        data: JSONBody[CancelRequest | None] = None,
+    ) -> ActionAccepted:
+        return await gateway.cancel(run_id, principal, data.reason if data is not None else "")
+
+    @post(
+        "/{run_id:str}/resume",
+        status_code=202,
+        summary="Resume a run",
+        description="Only a failed, timed-out or cancelled run can be resumed (409 otherwise).",
+        responses={
+            409: _problem("The run is not failed, timed_out or cancelled"),
+            **NOT_FOUND,
+            **UNAVAILABLE,
+        },
+    )
+    async def resume(
+        self, gateway: NamedDependency[Gateway], principal: NamedDependency[Principal], run_id: FromPath[str]
+    ) -> ActionAccepted:
+        return await gateway.resume(run_id, principal)
+
+    @get(
+        "/{run_id:str}/logs",
+        summary="A run's log",
+        description=(
+            "Without `follow`: JSON, the last `tail` lines (default and cap: the configured maximum). "
+            "With `follow=true`: `text/event-stream`, one `line` event per line (data: the line as JSON, "
+            "id: resumable with `Last-Event-ID`), `: keep-alive` comments while idle, and a final `end` "
+            "event once the run has finished and its log is drained. Without `tail`, following starts at "
+            "the first line."
+        ),
+        responses={**BAD_QUERY, **NOT_FOUND, **UNAVAILABLE},
+    )
+    async def logs(
+        self,
+        gateway: NamedDependency[Gateway],
+        run_id: FromPath[str],
+        tail: Annotated[
+            str | None,
+            Parameter(
+                description="Only the last N lines",
+                schema_extra={"oneOf": None, "type": "integer", "minimum": 0},
+            ),
+        ] = None,
+        follow: Annotated[
+            str | None,
+            Parameter(
+                description="Stream new lines as server-sent events",
+                schema_extra={"oneOf": None, "type": "boolean"},
+            ),
+        ] = None,
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(name="Last-Event-ID", required=False, description="Resume a followed stream"),
+        ] = None,
+    ) -> RunLogs:
+        settings = gateway.settings
+        errors = QueryErrors()
+        lines = int_param(errors, "tail", tail, default=None, minimum=0, maximum=None)
+        following = bool_param(errors, "follow", follow, default=False)
+        resume_after = parse_log_cursor(last_event_id) if following and last_event_id else None
+        if following and last_event_id and resume_after is None:
+            errors.add("Last-Event-ID", "must be an event id this stream sent (`<seq>-<index>`)")
+        errors.raise_if_any()
+        record = gateway.find(run_id)
+        reader = gateway.logs
+        if not following:
+            wanted = min(lines if lines is not None else settings.logs_max_lines, settings.logs_max_lines)
+            out, truncated = await reader.tail(record.run_id, wanted)
+            return RunLogs(run_id=record.run_id, lines=out, truncated=truncated)
+
+        run_key = record.run_id
+
+        def finished() -> bool:
+            current = gateway.readmodel.get(run_key)
+            return current is None or current.state in TERMINAL_STATES
+
+        async def events() -> AsyncIterator[ServerSentEventMessage]:
+            gateway.follower_started()
+            try:
+                async for message in stream_lines():
+                    yield message
+            finally:
+                gateway.follower_ended()
+
+        async def stream_lines() -> AsyncIterator[ServerSentEventMessage]:
+            async for item in reader.follow(
+                run_key,
+                tail=lines,
+                resume_after=resume_after,
+                finished=finished,
+                stopping=lambda: gateway.stopping,
+                heartbeat_seconds=settings.logs_heartbeat_seconds,
+                grace_seconds=settings.logs_follow_grace_seconds,
+            ):
+                if isinstance(item, FollowIdle):
+                    yield ServerSentEventMessage(data=None, comment="keep-alive")
+                elif isinstance(item, FollowEnd):
+                    current = gateway.readmodel.get(run_key)
+                    state = current.state if current is not None else None
+                    payload = msgspec.json.encode({"reason": item.reason, "state": state}).decode()
+                    yield ServerSentEventMessage(data=payload, event="end")
+                else:
+                    yield ServerSentEventMessage(
+                        data=msgspec.json.encode(item.line).decode(), event="line", id=item.cursor
+                    )
+
+        return EventStream(events())  # type: ignore[return-value]
+
+    @get(
+        "/{run_id:str}/events",
+        summary="A run's lifecycle events",
+        description="In the order they were stored on the RUNS stream; page with `after` = `next_cursor`.",
+        responses={**BAD_QUERY, **NOT_FOUND, **UNAVAILABLE},
+    )
+    async def events(
+        self,
+        gateway: NamedDependency[Gateway],
+        run_id: FromPath[str],
+        after: Annotated[
+            str | None, Parameter(description="`next_cursor` of the previous page (a stream sequence)")
+        ] = None,
+        limit: Annotated[
+            str | None,
+            Parameter(
+                description="Page size (default 1000)",
+                schema_extra={"oneOf": None, "type": "integer", "minimum": 1},
+            ),
+        ] = None,
+    ) -> RunEvents:
+        settings = gateway.settings
+        errors = QueryErrors()
+        after_seq = int_param(errors, "after", after, default=0, minimum=0, maximum=None)
+        page_size = int_param(
+            errors,
+            "limit",
+            limit,
+            default=settings.events_default_limit,
+            minimum=1,
+            maximum=settings.events_max_limit,
+        )
+        errors.raise_if_any()
+        record = gateway.find(run_id)
+        assert after_seq is not None and page_size is not None
+        items, next_cursor = await gateway.events.events(record.run_id, after=after_seq, limit=page_size)
+        return RunEvents(run_id=record.run_id, items=items, next_cursor=next_cursor)

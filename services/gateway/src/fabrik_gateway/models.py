@@ -1,0 +1,259 @@
+"""Request and response bodies of the REST API, as msgspec Structs (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from fabrik_common.events import Priority, RunState
+from fabrik_common.ids import DNS1123_LABEL, DNS1123_RULE
+from fabrik_common.specs import Spec, Todo
+
+DnsLabel = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=DNS1123_LABEL.pattern,
+        max_length=63,
+        description="DNS-1123 label",
+        extra={"rule": DNS1123_RULE},
+    ),
+]
+
+QUANTITY_RULE_CPU = "must be a CPU quantity: cores like '2' or '0.5', or millicores like '500m'"
+QUANTITY_RULE_MEMORY = "must be a memory quantity: bytes, or a number with a unit like '512Mi', '4Gi', '1G'"
+
+CpuQuantity = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)m?$",
+        max_length=32,
+        description="Kubernetes CPU quantity: `2`, `0.5`, `500m`",
+        examples=["500m", "2"],
+        extra={"rule": QUANTITY_RULE_CPU},
+    ),
+]
+MemoryQuantity = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$",
+        max_length=32,
+        description="Kubernetes memory quantity: `1Gi`, `512Mi`, `1G`, bytes",
+        examples=["1Gi", "512Mi"],
+        extra={"rule": QUANTITY_RULE_MEMORY},
+    ),
+]
+EnvName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        max_length=256,
+        extra={
+            "rule": "must be an environment variable name: letters, digits and '_', not starting with a digit"
+        },
+    ),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# POST /api/v1/runs
+
+
+class RepoIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The repository the run works in: a git URL (or, for the local backend, a local path)."""
+
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    ref: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] = "HEAD"
+
+
+class WorkloadIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What to run. `image` must be digest-pinned on Kubernetes and is ignored by the local backend.
+    Environment keys starting with `FABRIK_` or `SMITHERS_` are reserved."""
+
+    image: Annotated[str, msgspec.Meta(min_length=1, max_length=512)] | None = None
+    command: list[str] = msgspec.field(default_factory=list)
+    args: list[str] = msgspec.field(default_factory=list)
+    env: dict[EnvName, str] = msgspec.field(default_factory=dict)
+
+
+class ResourcesIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """CPU and memory of the workload: both the request and the limit (Guaranteed QoS)."""
+
+    cpu: CpuQuantity
+    memory: MemoryQuantity
+
+
+class SubmitRunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A new run. At least one of `spec`, `spec_path` or `workload.command` is required; `spec` and
+    `spec_path` exclude each other, and so do `resources` and `template`."""
+
+    project: DnsLabel
+    env: DnsLabel = "dev"
+    spec: Spec | None = None
+    spec_path: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+    todo: Todo | None = None
+    repo: RepoIn | None = None
+    workload: WorkloadIn | None = None
+    resources: ResourcesIn | None = None
+    template: Annotated[str, msgspec.Meta(min_length=1, max_length=63)] | None = None
+    timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 86400
+    priority: Priority = "normal"
+    budget_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+class QueueInfo(msgspec.Struct, kw_only=True):
+    """Where a queued run stands, from the scheduler's latest queue snapshot."""
+
+    position: int | None = msgspec.field(default=None)
+    """1 = dispatched next; null while the scheduler has not placed the run yet."""
+    ahead_count: int | None = None
+    ahead: list[str] = msgspec.field(default_factory=list)
+    eta: datetime | None = None
+    eta_seconds: float | None = None
+    snapshot_at: datetime | None = None
+
+
+class ProgressView(msgspec.Struct, kw_only=True):
+    phase: str | None = None
+    task: str | None = None
+    finished: int | None = None
+    total: int | None = None
+    message: str | None = None
+    updated_at: datetime | None = None
+
+
+class TokensView(msgspec.Struct, kw_only=True):
+    input: int = 0
+    output: int = 0
+
+
+class ResourcesView(msgspec.Struct, kw_only=True):
+    cpu_request: str
+    memory_request: str
+    cpu_limit: str
+    memory_limit: str
+
+
+class RunView(msgspec.Struct, kw_only=True):
+    """A run as the API shows it."""
+
+    run_id: str
+    project: str
+    env: str
+    spec_id: str | None
+    state: RunState
+    reason: str | None
+    message: str
+    attempt: int
+    queue: QueueInfo | None
+    progress: ProgressView
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    exit_code: int | None
+    cost_usd: float
+    tokens: TokensView
+    labels: dict[str, str]
+    priority: Priority
+    template: str | None
+    resources: ResourcesView
+    timeout_seconds: int
+    budget_usd: float | None
+    image_digest: str | None
+    requested_by: str
+    recorded: bool
+    """false while only the gateway knows the run (submitted, not yet recorded by the scheduler)."""
+
+
+class RunPage(msgspec.Struct, kw_only=True):
+    items: list[RunView]
+    next_cursor: str | None
+    """Pass as `cursor` to get the next page; null on the last page."""
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+
+
+class ActionAccepted(msgspec.Struct, kw_only=True):
+    """A cancel or resume request was published; the run's state follows asynchronously."""
+
+    run_id: str
+    action: Literal["cancel", "resume"]
+    state: RunState
+    event_id: str
+
+
+# --------------------------------------------------------------------------------------------
+# Logs and events
+
+
+class LogLineView(msgspec.Struct, kw_only=True):
+    ts: datetime
+    stream: Literal["stdout", "stderr", "system"]
+    text: str
+    attempt: int
+    line: int
+
+
+class RunLogs(msgspec.Struct, kw_only=True):
+    run_id: str
+    lines: list[LogLineView]
+    truncated: bool
+    """true when earlier lines exist than those returned."""
+
+
+class RunEventItem(msgspec.Struct, kw_only=True):
+    seq: int
+    """Sequence in the RUNS stream; pass the last one as `after` to continue."""
+    subject: str
+    type: str
+    event: dict[str, Any]
+    """The event as published (see contracts/events/run.*.schema.json)."""
+
+
+class RunEvents(msgspec.Struct, kw_only=True):
+    run_id: str
+    items: list[RunEventItem]
+    next_cursor: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# Projects and queue
+
+
+class ProjectSummary(msgspec.Struct, kw_only=True):
+    project: str
+    total: int
+    states: dict[str, int]
+
+
+class ProjectList(msgspec.Struct, kw_only=True):
+    items: list[ProjectSummary]
+
+
+class QueueItem(msgspec.Struct, kw_only=True):
+    position: int
+    run_id: str
+    project: str
+    priority: Priority
+    eta_seconds: float | None
+    eta: datetime | None
+
+
+class QueueView(msgspec.Struct, kw_only=True):
+    """The scheduler's queue in dispatch order (empty until the scheduler wrote a snapshot)."""
+
+    taken_at: datetime | None
+    total: int
+    running: int
+    items: list[QueueItem]
+    usage: dict[str, dict[str, float]]
+    limits: dict[str, dict[str, float]]
