@@ -673,6 +673,22 @@ async def test_tail_spans_attempts(api: Api) -> None:
     assert [(e["attempt"], e["line"]) for e in logs] == [(1, 8), (1, 9), (2, 0), (2, 1), (2, 2), (2, 3)]
 
 
+async def test_a_chunk_published_twice_is_shown_once(api: Api) -> None:
+    """After an executor crash the last chunk may be published again with the same first_line."""
+    record = run_record("succeeded")
+    await api.put_and_wait(record)
+    await api.publish(chunk(record.run_id, 0, 5))
+    await api.publish(chunk(record.run_id, 5, 3))
+    await api.publish(chunk(record.run_id, 5, 3))  # the repeat (a new event id: a new message)
+    await api.publish(chunk(record.run_id, 8, 2))
+    logs = (await api.http.get(f"/api/v1/runs/{record.run_id}/logs")).json()["lines"]
+    assert [e["line"] for e in logs] == list(range(10))
+    events: list[dict[str, str]] = []
+    async with api.http.stream("GET", f"/api/v1/runs/{record.run_id}/logs?follow=true") as response:
+        await asyncio.wait_for(read_sse(response, events), 10)
+    assert [json.loads(e["data"])["line"] for e in events if e.get("event") == "line"] == list(range(10))
+
+
 # ------------------------------------------------------------------------------------------------
 # events
 

@@ -29,7 +29,7 @@ def test_service_waits_for_nats_then_serves_and_stops_cleanly(service: str, tmp_
     nats = NatsServer(tmp_path / "nats")  # port chosen, not started yet
     proc = ServiceProcess(
         f"fabrik_{service}",
-        {"FABRIK_NATS_URL": nats.url, "FABRIK_LOG_FORMAT": "json"},
+        {"FABRIK_NATS_URL": nats.url, "FABRIK_LOG_FORMAT": "json", "FABRIK_DATA_DIR": str(tmp_path / "data")},
         log_path=tmp_path / f"{service}.log",
     )
     assert proc.proc is None

@@ -514,6 +514,9 @@ class ManagedService:
             FABRIK_HTTP_HOST=self.config.host,
             FABRIK_HTTP_PORT=str(self.port),
             FABRIK_INSTANCE_ID=f"local-{self.spec.name}",
+            # The stack's data directory is the services' too (the executor keeps workspaces
+            # under <data>/executor): two stacks on two data directories never share state.
+            FABRIK_DATA_DIR=str(self.config.data_dir),
             PYTHONUNBUFFERED="1",
         )
         # A service drains in-flight work for its shutdown grace, then closes its connections:

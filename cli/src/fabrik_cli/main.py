@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
+from fabrik_cli.commands.runs import cancel, logs, projects, queue, resume, run, runs
+from fabrik_cli.commands.spec import spec
 from fabrik_cli.commands.stack import down, status, up
+from fabrik_cli.errors import CliError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class FabrikGroup(click.Group):
+    """Reports a `CliError` from any subcommand as `Error: ...` on stderr with its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CliError as exc:
+            click.echo(exc.render(), err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(
+    cls=FabrikGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(package_name="fabrik-cli", prog_name="fabrik")
 def cli() -> None:
     """Fabrik: autonomous coding-agent runs, locally and on Kubernetes."""
 
 
+# the local stack
 cli.add_command(up)
 cli.add_command(down)
 cli.add_command(status)
+# runs
+cli.add_command(run)
+cli.add_command(runs)
+cli.add_command(logs)
+cli.add_command(cancel)
+cli.add_command(resume)
+cli.add_command(queue)
+cli.add_command(projects)
+cli.add_command(spec)

@@ -1,1 +1,2 @@
-"""Fabrik executor: Turns dispatched runs into workloads (local processes or Kubernetes Jobs) and watches them."""
+"""Fabrik executor: Turns dispatched runs into workloads (local processes or Kubernetes Jobs)
+and watches them."""

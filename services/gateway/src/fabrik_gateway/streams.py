@@ -94,6 +94,24 @@ def _lines(seq: int, chunk: RunLogChunk, skip_through: int = -1) -> list[LogLine
     ]
 
 
+class _SeenLines:
+    """Drops lines already delivered: after an executor crash a chunk may be published twice,
+    with the same `first_line`; line numbers are consecutive per attempt."""
+
+    def __init__(self) -> None:
+        self._next: dict[int, int] = {}
+
+    def fresh(self, lines: list[LogLineAt]) -> list[LogLineAt]:
+        out: list[LogLineAt] = []
+        for item in lines:
+            view = item.line
+            if view.line < self._next.get(view.attempt, 0):
+                continue
+            self._next[view.attempt] = view.line + 1
+            out.append(item)
+        return out
+
+
 @contextlib.asynccontextmanager
 async def _ordered(
     js: JetStreamContext, stream: str, subject: str, start_seq: int | None
@@ -178,7 +196,8 @@ class LogReader:
             return [], last is not None
         start = await self._start_for_tail(subject, last, lines)
         chunks = await self._read(subject, start, last.seq)
-        out = [line.line for c in chunks for line in _lines(c.seq, c.chunk)]
+        seen = _SeenLines()
+        out = [line.line for c in chunks for line in seen.fresh(_lines(c.seq, c.chunk))]
         truncated = len(out) > lines
         if not truncated and chunks:
             first = await self._get(subject, await self._first_seq())
@@ -212,6 +231,7 @@ class LogReader:
             start = await self._start_for_tail(subject, last, tail)
             backlog_until = last.seq
         delivered = 0
+        seen = _SeenLines()
         async with _ordered(self.js, self.stream, subject, start) as sub:
             if backlog_until and tail is not None:
                 backlog: list[LogLineAt] = []
@@ -222,7 +242,7 @@ class LogReader:
                         break
                     delivered = _seq(msg)
                     with contextlib.suppress(EventDecodeError):
-                        backlog.extend(_lines(delivered, _chunks.decode(msg.data)))
+                        backlog.extend(seen.fresh(_lines(delivered, _chunks.decode(msg.data))))
                 for line in backlog[max(0, len(backlog) - tail) :]:
                     yield line
             idle = 0.0
@@ -257,7 +277,9 @@ class LogReader:
                     chunk = _chunks.decode(msg.data)
                 except EventDecodeError:
                     continue
-                for line in _lines(delivered, chunk, skip_through if delivered == skip_seq else -1):
+                for line in seen.fresh(
+                    _lines(delivered, chunk, skip_through if delivered == skip_seq else -1)
+                ):
                     yield line
 
 

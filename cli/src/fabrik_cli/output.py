@@ -1,0 +1,587 @@
+"""Rendering of API answers: `-o json` (the API's JSON as it came), `-o yaml`, and `-o table`
+(aligned columns and key/value blocks for people). Plain functions of decoded JSON; no click.
+
+The table renderers are tolerant: a field the API does not send shows as `-`, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import yaml
+
+from fabrik_common.events import TERMINAL_STATES
+
+NONE = "-"
+
+
+class OutputFormat(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+    YAML = "yaml"
+
+
+FORMATS: tuple[str, ...] = tuple(f.value for f in OutputFormat)
+
+
+def dump_json(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def dump_yaml(data: Any) -> str:
+    dumped: str = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return dumped.rstrip("\n")
+
+
+def dump(data: Any, fmt: OutputFormat) -> str:
+    """json or yaml of `data`; table output is the caller's own renderer."""
+    if fmt is OutputFormat.YAML:
+        return dump_yaml(data)
+    return dump_json(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def render_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    body = [[_cell(c) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in body:
+        for i, cell in enumerate(row[: len(widths)]):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [list(headers), *body]:
+        cells = [cell.ljust(widths[i]) if i < len(row) - 1 else cell for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def render_fields(pairs: Sequence[tuple[str, str]]) -> str:
+    """A key/value block: keys left-aligned in one column."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{key.ljust(width)}  {value}".rstrip() for key, value in pairs)
+
+
+def _cell(value: str) -> str:
+    return " ".join(str(value).split()) or NONE
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def format_duration(seconds: float) -> str:
+    """`850ms`, `42s`, `3m 07s`, `2h 05m`, `3d 4h`."""
+    if seconds < 0:
+        seconds = 0
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms"
+    total = int(seconds)
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def format_relative(when: datetime, now: datetime) -> str:
+    delta = (now - when).total_seconds()
+    if abs(delta) < 1:
+        return "now"
+    amount = format_duration(abs(delta)).split(" ")[0]
+    return f"{amount} ago" if delta > 0 else f"in {amount}"
+
+
+def format_time(value: Any, now: datetime, *, relative: bool = True) -> str:
+    when = parse_time(value)
+    if when is None:
+        return NONE if value in (None, "") else str(value)
+    local = when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return f"{local} ({format_relative(when, now)})" if relative else local
+
+
+def format_age(value: Any, now: datetime) -> str:
+    when = parse_time(value)
+    return format_relative(when, now) if when is not None else NONE
+
+
+def format_cost(value: Any) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"${value:.4f}" if value < 1 else f"${value:,.2f}"
+    return NONE
+
+
+def format_count(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return NONE if value is None else str(value)
+
+
+def text(value: Any) -> str:
+    if value is None or value == "":
+        return NONE
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def format_labels(labels: Any) -> str:
+    if isinstance(labels, Mapping) and labels:
+        return ", ".join(f"{k}={v}" for k, v in labels.items())
+    return NONE
+
+
+def progress_bar(finished: int, total: int, width: int = 20) -> str:
+    """`[#########-----------]  45%`."""
+    fraction = min(max(finished / total, 0.0), 1.0) if total > 0 else 0.0
+    filled = math.floor(fraction * width)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {fraction * 100:3.0f}%"
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def format_progress(progress: Any, *, bar: bool = True) -> str:
+    """`[####------]  40%  4/10  implement · 16:impl · message`, or `-` without any progress."""
+    if not isinstance(progress, Mapping):
+        return NONE
+    finished, total = _int(progress.get("finished")), _int(progress.get("total"))
+    parts: list[str] = []
+    if finished is not None and total:
+        if bar:
+            parts.append(progress_bar(finished, total))
+        parts.append(f"{finished}/{total}")
+    elif finished is not None:
+        parts.append(str(finished))
+    words = [str(progress[k]) for k in ("phase", "task", "message") if progress.get(k)]
+    if words:
+        parts.append(" · ".join(words))
+    return "  ".join(parts) or NONE
+
+
+def format_short_progress(progress: Any) -> str:
+    """For list rows: `4/10 (40%)` or the phase."""
+    if not isinstance(progress, Mapping):
+        return NONE
+    finished, total = _int(progress.get("finished")), _int(progress.get("total"))
+    if finished is not None and total:
+        return f"{finished}/{total} ({min(finished / total, 1.0) * 100:.0f}%)"
+    return text(progress.get("phase"))
+
+
+def format_state(run: Mapping[str, Any]) -> str:
+    state = text(run.get("state"))
+    reason = run.get("reason")
+    return f"{state}: {reason}" if reason else state
+
+
+def format_eta(value: Any, now: datetime) -> str:
+    """An ETA given as a time (`2026-...`) or as seconds from now; `null` is unknown."""
+    if value is None:
+        return "unknown"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "now" if value <= 0 else f"in ~{format_duration(value)}"
+    when = parse_time(value)
+    if when is None:
+        return str(value)
+    if when <= now:
+        return "now"
+    return f"~{when.astimezone().strftime('%H:%M:%S')} (in {format_duration((when - now).total_seconds())})"
+
+
+def _ahead_count(queue: Mapping[str, Any]) -> int | None:
+    count = _int(queue.get("ahead_count"))
+    if count is not None:
+        return count
+    ahead = queue.get("ahead")
+    if isinstance(ahead, list):
+        position = _int(queue.get("position"))
+        return max(position - 1, len(ahead)) if position is not None else len(ahead)
+    return _int(ahead)
+
+
+def format_queue(queue: Any, now: datetime) -> str:
+    if not isinstance(queue, Mapping) or not queue:
+        return NONE
+    parts = []
+    position = _int(queue.get("position"))
+    if position is None:
+        return "not placed by the scheduler yet"
+    parts.append(f"position {position}")
+    ahead = _ahead_count(queue)
+    if ahead is not None:
+        parts.append(f"{ahead} run{'s' if ahead != 1 else ''} ahead")
+    eta = queue.get("eta", queue.get("eta_seconds"))
+    parts.append(f"estimated start {format_eta(eta, now)}")
+    return ", ".join(parts)
+
+
+def run_duration(run: Mapping[str, Any], now: datetime) -> str:
+    started = parse_time(run.get("started_at"))
+    if started is None:
+        return NONE
+    finished = parse_time(run.get("finished_at"))
+    if finished is None:
+        if run.get("state") in TERMINAL_STATES:
+            return NONE
+        return f"{format_duration((now - started).total_seconds())} (so far)"
+    return format_duration((finished - started).total_seconds())
+
+
+def format_tokens(tokens: Any) -> str:
+    if not isinstance(tokens, Mapping):
+        return NONE
+    parts = [f"{format_count(tokens.get('input', 0))} in", f"{format_count(tokens.get('output', 0))} out"]
+    for key, word in (("cache_read", "cache read"), ("cache_write", "cache write")):
+        if tokens.get(key):
+            parts.append(f"{format_count(tokens[key])} {word}")
+    return " / ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+def run_detail(run: Mapping[str, Any], now: datetime | None = None) -> str:
+    """`fabrik runs show`: one run as a key/value block."""
+    now = now or datetime.now(UTC)
+    state = text(run.get("state"))
+    pairs: list[tuple[str, str]] = [
+        ("run", text(run.get("run_id"))),
+        ("project", text(run.get("project"))),
+        ("env", text(run.get("env"))),
+    ]
+    if run.get("spec_id"):
+        pairs.append(("spec", text(run.get("spec_id"))))
+    pairs += [
+        ("state", state),
+        ("reason", text(run.get("reason"))),
+    ]
+    if run.get("message"):
+        pairs.append(("message", text(run.get("message"))))
+    pairs.append(("attempt", text(run.get("attempt"))))
+    if state == "queued" or run.get("queue"):
+        pairs.append(("queue", format_queue(run.get("queue"), now)))
+    pairs += [
+        ("progress", format_progress(run.get("progress"))),
+        ("created", format_time(run.get("created_at"), now)),
+        ("started", format_time(run.get("started_at"), now)),
+        ("finished", format_time(run.get("finished_at"), now)),
+        ("duration", run_duration(run, now)),
+        ("exit code", text(run.get("exit_code"))),
+        ("cost", format_cost(run.get("cost_usd"))),
+        ("tokens", format_tokens(run.get("tokens"))),
+        ("labels", format_labels(run.get("labels"))),
+    ]
+    if "priority" in run:
+        pairs.append(("priority", text(run.get("priority"))))
+    if isinstance(run.get("resources"), Mapping):
+        pairs.append(("resources", format_resources(run["resources"], run.get("template"))))
+    if run.get("timeout_seconds") is not None:
+        pairs.append(("timeout", _seconds(run["timeout_seconds"])))
+    if run.get("budget_usd") is not None:
+        pairs.append(("budget", format_cost(run["budget_usd"])))
+    if run.get("image_digest"):
+        pairs.append(("image", text(run["image_digest"])))
+    if run.get("requested_by"):
+        pairs.append(("requested by", text(run["requested_by"])))
+    return render_fields(pairs)
+
+
+def _seconds(value: Any) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format_duration(value)
+    return text(value)
+
+
+def format_resources(resources: Mapping[str, Any], template: Any = None) -> str:
+    """`cpu 500m, memory 1Gi requested; limits 2 / 4Gi (template default)`."""
+    requested = f"cpu {text(resources.get('cpu_request'))}, memory {text(resources.get('memory_request'))}"
+    limits = f"{text(resources.get('cpu_limit'))} / {text(resources.get('memory_limit'))}"
+    suffix = f" (template {template})" if template else ""
+    return f"{requested} requested; limits {limits}{suffix}"
+
+
+RUN_COLUMNS = ("RUN ID", "PROJECT", "ENV", "STATE", "ATTEMPT", "PROGRESS", "CREATED", "DURATION", "COST")
+
+
+def run_row(run: Mapping[str, Any], now: datetime) -> list[str]:
+    return [
+        text(run.get("run_id")),
+        text(run.get("project")),
+        text(run.get("env")),
+        format_state(run),
+        text(run.get("attempt")),
+        format_short_progress(run.get("progress")),
+        format_age(run.get("created_at"), now),
+        run_duration(run, now).removesuffix(" (so far)"),
+        format_cost(run.get("cost_usd")),
+    ]
+
+
+def runs_table(runs: Iterable[Mapping[str, Any]], now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return render_table(RUN_COLUMNS, (run_row(r, now) for r in runs))
+
+
+def run_summary(run: Mapping[str, Any], now: datetime | None = None) -> str:
+    """One line for the end of `fabrik run --wait`: the final state, reason and exit code."""
+    now = now or datetime.now(UTC)
+    parts = [f"run {text(run.get('run_id'))} {text(run.get('state'))}"]
+    details = []
+    if run.get("reason"):
+        details.append(f"reason: {run['reason']}")
+    if run.get("exit_code") is not None:
+        details.append(f"exit code {run['exit_code']}")
+    duration = run_duration(run, now)
+    if duration != NONE:
+        details.append(f"after {duration}")
+    if _int(run.get("attempt")) not in (None, 1):
+        details.append(f"attempt {run['attempt']}")
+    if details:
+        parts.append("(" + ", ".join(details) + ")")
+    if run.get("message"):
+        parts.append(f"- {run['message']}")
+    return " ".join(parts)
+
+
+def run_status_line(run: Mapping[str, Any], now: datetime | None = None) -> str:
+    """One line per change while waiting: `queued: position 3, 2 runs ahead, ...`."""
+    now = now or datetime.now(UTC)
+    state = text(run.get("state"))
+    if state == "queued" and isinstance(run.get("queue"), Mapping):
+        return f"queued: {format_queue(run['queue'], now)}"
+    progress = format_progress(run.get("progress"), bar=False)
+    line = format_state(run)
+    return line if progress == NONE else f"{line}: {progress}"
+
+
+# --------------------------------------------------------------------------------------------
+# Queue, events, projects
+
+
+QUEUE_COLUMNS = ("POS", "RUN ID", "PROJECT", "PRIORITY", "AHEAD", "ETA")
+
+
+def queue_items(data: Any) -> list[Mapping[str, Any]]:
+    items = data.get("items", data.get("entries")) if isinstance(data, Mapping) else data
+    return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
+
+
+def queue_table(data: Any, now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    rows = []
+    for index, item in enumerate(queue_items(data), start=1):
+        position = _int(item.get("position")) or index
+        ahead = _ahead_count(item)
+        rows.append(
+            [
+                str(position),
+                text(item.get("run_id")),
+                text(item.get("project")),
+                text(item.get("priority")),
+                str(ahead if ahead is not None else position - 1),
+                format_eta(item.get("eta", item.get("eta_seconds")), now),
+            ]
+        )
+    parts = [render_table(QUEUE_COLUMNS, rows) if rows else "the queue is empty"]
+    summary = _queue_summary(data, len(rows))
+    if summary:
+        parts.append(summary)
+    usage = usage_table(data)
+    if usage:
+        parts.append(usage)
+    return "\n\n".join(parts)
+
+
+def format_bytes(value: float) -> str:
+    for unit, size in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+        if value >= size:
+            return f"{value / size:.4g}{unit}"
+    return f"{value:.0f}"
+
+
+def _amount(key: str, value: Any) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return NONE
+    if key == "memory":
+        return format_bytes(value)
+    return f"{value:g}"
+
+
+USAGE_KEYS = ("runs", "cpu", "memory")
+
+
+def usage_table(data: Any) -> str:
+    """Resources held (starting, running, cancelling runs) against the limits, per project."""
+    if not isinstance(data, Mapping):
+        return ""
+    raw_usage, raw_limits = data.get("usage"), data.get("limits")
+    usage: Mapping[str, Any] = raw_usage if isinstance(raw_usage, Mapping) else {}
+    limits: Mapping[str, Any] = raw_limits if isinstance(raw_limits, Mapping) else {}
+    if not usage and not limits:
+        return ""
+    rows = []
+    totals: dict[str, float] = {
+        k: math.fsum(float(u.get(k) or 0) for u in usage.values() if isinstance(u, Mapping))
+        for k in USAGE_KEYS
+    }
+    names = ["cluster", *sorted({*usage, *limits} - {"cluster"})]
+    for name in names:
+        used = totals if name == "cluster" else usage.get(name, {})
+        limit = limits.get(name, {})
+        cells = [name]
+        for key in USAGE_KEYS:
+            u = used.get(key, 0) if isinstance(used, Mapping) else 0
+            lim = limit.get(key) if isinstance(limit, Mapping) else None
+            cells.append(f"{_amount(key, u)}/{_amount(key, lim)}" if lim is not None else _amount(key, u))
+        rows.append(cells)
+    return render_table(("IN USE / LIMIT", "RUNS", "CPU", "MEMORY"), rows)
+
+
+def _queue_summary(data: Any, shown: int) -> str:
+    if not isinstance(data, Mapping):
+        return ""
+    parts = []
+    total = _int(data.get("total"))
+    if total is not None:
+        parts.append(f"{total} queued" + (f" (first {shown} shown)" if total > shown else ""))
+    running = _int(data.get("running"))
+    if running is not None:
+        parts.append(f"{running} running")
+    taken = parse_time(data.get("taken_at") or data.get("updated_at"))
+    if taken is not None:
+        parts.append(f"as of {taken.astimezone().strftime('%H:%M:%S')}")
+    return ", ".join(parts)
+
+
+EVENT_COLUMNS = ("TIME", "TYPE", "ATTEMPT", "DETAILS")
+_EVENT_SKIP = frozenset(
+    {"type", "event_id", "occurred_at", "schema_version", "run_id", "attempt", "params", "revision"}
+)
+
+
+def events_items(data: Any) -> list[Mapping[str, Any]]:
+    return queue_items(data)
+
+
+def _event_body(item: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An events item is `{seq, subject, type, event: {...}}`; older shapes are the event itself."""
+    body = item.get("event")
+    return body if isinstance(body, Mapping) else item
+
+
+def _event_details(event: Mapping[str, Any]) -> str:
+    fields = {k: v for k, v in event.items() if k not in _EVENT_SKIP and v not in (None, "", {}, [])}
+    parts = []
+    if "to_state" in fields:  # a transition: `queued -> starting`
+        parts.append(f"{fields.pop('from_state', None) or '(new)'} -> {fields.pop('to_state')}")
+        fields.pop("project", None)
+    if isinstance(fields.get("result"), Mapping | list):
+        fields["result"] = json.dumps(fields["result"], separators=(",", ":"))
+    parts.extend(f"{k}={v}" for k, v in fields.items())
+    return ", ".join(parts)
+
+
+def events_table(data: Any) -> str:
+    rows = []
+    for item in events_items(data):
+        event = _event_body(item)
+        when = parse_time(event.get("occurred_at"))
+        details = _event_details(event)
+        rows.append(
+            [
+                when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if when else NONE,
+                text(item.get("type") or event.get("type")),
+                text(event.get("attempt")),
+                details,
+            ]
+        )
+    return render_table(EVENT_COLUMNS, rows)
+
+
+PROJECT_COLUMNS = ("PROJECT", "RUNS", "STATES")
+
+
+def projects_table(data: Any) -> str:
+    rows = []
+    for item in queue_items(data):
+        states = item.get("states")
+        by_state = (
+            ", ".join(f"{k} {v}" for k, v in states.items() if v) if isinstance(states, Mapping) else NONE
+        )
+        rows.append([text(item.get("project")), format_count(item.get("total")), by_state])
+    return render_table(PROJECT_COLUMNS, rows)
+
+
+def generic_table(items: Sequence[Mapping[str, Any]]) -> str:
+    """Columns from the keys of the items (scalars only), for lists without a dedicated layout."""
+    keys: list[str] = []
+    for item in items:
+        for key, value in item.items():
+            if key not in keys and not isinstance(value, Mapping | list):
+                keys.append(key)
+    rows = [[text(item.get(k)) for k in keys] for item in items]
+    return render_table([k.upper().replace("_", " ") for k in keys], rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Logs
+
+
+def iter_log_entries(data: Any) -> Iterator[Mapping[str, Any] | str]:
+    """The lines of a logs answer, whatever the nesting: a list of lines, `{lines: [...]}`,
+    `{items: [...]}`, or chunks with their own `lines`."""
+    if isinstance(data, str):
+        yield from data.splitlines()
+        return
+    if isinstance(data, Mapping):
+        for key in ("lines", "items", "chunks"):
+            if isinstance(data.get(key), list):
+                yield from iter_log_entries(data[key])
+                return
+        if "text" in data:
+            yield data
+        return
+    if isinstance(data, list):
+        for item in data:
+            if isinstance(item, Mapping) and isinstance(item.get("lines"), list):
+                yield from iter_log_entries(item["lines"])
+            elif isinstance(item, Mapping | str):
+                yield item
+
+
+def format_log_entry(entry: Mapping[str, Any] | str, *, timestamps: bool = False) -> str:
+    if isinstance(entry, str):
+        return entry
+    body = str(entry.get("text", ""))
+    if entry.get("stream") == "system":
+        body = f"[fabrik] {body}"
+    if timestamps:
+        when = parse_time(entry.get("ts"))
+        stamp = when.astimezone().isoformat(timespec="milliseconds") if when else NONE
+        body = f"{stamp} {body}"
+    return body

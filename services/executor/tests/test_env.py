@@ -1,0 +1,147 @@
+"""The workload's environment: dotenv parsing, reserved keys, precedence."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from fabrik_common.events import Resources, RunDispatched, RunParameters, Workload
+from fabrik_executor.env import build_env, load_project_env, parse_dotenv
+from fabrik_executor.local_backend import LaunchError, check_executable, resolve_argv
+
+RUN = "01JABCDEFGHJKMNPQRSTVWXYZ0"
+
+
+def dispatch(env: dict[str, str] | None = None, command: tuple[str, ...] = ()) -> RunDispatched:
+    return RunDispatched(
+        run_id=RUN,
+        project="demo",
+        env="dev",
+        attempt=2,
+        params=RunParameters(
+            workload=Workload(command=command, env=env or {}),
+            resources=Resources(cpu_request="1", memory_request="1Gi", cpu_limit="1", memory_limit="1Gi"),
+        ),
+        deadline=datetime(2030, 1, 1, tzinfo=UTC),
+    )
+
+
+def test_dotenv_parsing() -> None:
+    text = "\n".join(
+        [
+            "# a comment",
+            "",
+            "PLAIN=value",
+            "  SPACED = padded value  ",
+            "export EXPORTED=yes",
+            "SINGLE='literal $HOME \\n'",
+            'DOUBLE="line\\nbreak \\"quoted\\""',
+            "TRAILING=abc # comment",
+            "HASH=abc#def",
+            "EMPTY=",
+            "EQUALS=a=b=c",
+            "not a pair",
+            "1BAD=x",
+            "OPEN='unterminated",
+        ]
+    )
+    values, warnings = parse_dotenv(text, source="dev.env")
+    assert values == {
+        "PLAIN": "value",
+        "SPACED": "padded value",
+        "EXPORTED": "yes",
+        "SINGLE": "literal $HOME \\n",
+        "DOUBLE": 'line\nbreak "quoted"',
+        "TRAILING": "abc",
+        "HASH": "abc#def",
+        "EMPTY": "",
+        "EQUALS": "a=b=c",
+    }
+    assert warnings == [
+        "dev.env:12: not a KEY=VALUE line, skipped",
+        "dev.env:13: not a KEY=VALUE line, skipped",
+        "dev.env:14: unterminated quote in OPEN, skipped",
+    ]
+
+
+def test_reserved_keys_are_skipped_with_a_warning() -> None:
+    values, warnings = parse_dotenv("FABRIK_RUN_ID=x\nSMITHERS_TOKEN=y\nfabrik_lower=z\nOK=1\n", source="f")
+    assert values == {"OK": "1"}
+    assert [w.split(":")[1] for w in warnings] == ["1", "2", "3"]
+    assert all("reserved" in w for w in warnings)
+
+
+def test_project_env_file_location(tmp_path: Path) -> None:
+    assert load_project_env(tmp_path, "demo", "dev") == ({}, [])
+    path = tmp_path / "env" / "demo" / "dev.env"
+    path.parent.mkdir(parents=True)
+    path.write_text("A=1\n")
+    assert load_project_env(tmp_path, "demo", "dev") == ({"A": "1"}, [])
+    assert load_project_env(tmp_path, "demo", "prod") == ({}, [])
+
+
+def test_build_env_is_clean_and_ordered(tmp_path: Path) -> None:
+    host = {
+        "PATH": "/host/bin",
+        "LANG": "de_DE.UTF-8",
+        "SECRET_OF_THE_EXECUTOR": "nope",
+        "FABRIK_NATS_URL": "x",
+    }
+    env, warnings = build_env(
+        dispatch({"SHARED": "workload", "FABRIK_ATTEMPT": "99", "OWN": "1"}),
+        workspace=tmp_path,
+        project_env={"SHARED": "project", "PROJECT_ONLY": "p", "OPENAI_BASE_URL": "http://elsewhere"},
+        llm_proxy_url="http://127.0.0.1:8081/",
+        run_key_env={"OPENAI_API_KEY": "run-scoped"},
+        spec_file=tmp_path / ".fabrik" / "spec.json",
+        host_env=host,
+    )
+    assert env == {
+        "PATH": "/host/bin",
+        "HOME": str(tmp_path),
+        "LANG": "de_DE.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "SHARED": "workload",
+        "PROJECT_ONLY": "p",
+        "OWN": "1",
+        "OPENAI_BASE_URL": "http://127.0.0.1:8081/v1",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:8081",
+        "OPENAI_API_KEY": "run-scoped",
+        "FABRIK_RUN_ID": RUN,
+        "FABRIK_PROJECT": "demo",
+        "FABRIK_ENV": "dev",
+        "FABRIK_ATTEMPT": "2",
+        "FABRIK_WORKSPACE": str(tmp_path),
+        "FABRIK_SPEC_FILE": str(tmp_path / ".fabrik" / "spec.json"),
+    }
+    assert warnings == ["workload.env: FABRIK_ATTEMPT is reserved (FABRIK_*, SMITHERS_*), skipped"]
+
+
+def test_build_env_path_override(tmp_path: Path) -> None:
+    env, _ = build_env(
+        dispatch(),
+        workspace=tmp_path,
+        project_env={},
+        llm_proxy_url="http://p",
+        path="/only/here",
+        host_env={},
+    )
+    assert env["PATH"] == "/only/here"
+    assert env["LANG"] == "C.UTF-8"
+
+
+def test_command_resolution(tmp_path: Path) -> None:
+    assert resolve_argv(Workload(command=("python",), args=("x.py",)), ()) == ["python", "x.py"]
+    assert resolve_argv(Workload(args=("--fast",)), ("agent", "run")) == ["agent", "run", "--fast"]
+    with pytest.raises(LaunchError, match="no command"):
+        resolve_argv(Workload(), ())
+    check_executable("sh", cwd=tmp_path, path="/usr/bin:/bin")
+    with pytest.raises(LaunchError, match="command not found: nope-xyz"):
+        check_executable("nope-xyz", cwd=tmp_path, path="/usr/bin:/bin")
+    (tmp_path / "script.sh").write_text("#!/bin/sh\n")
+    with pytest.raises(LaunchError, match="not executable"):
+        check_executable("./script.sh", cwd=tmp_path, path="")
+    (tmp_path / "script.sh").chmod(0o755)
+    check_executable("./script.sh", cwd=tmp_path, path="")
