@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from fabrik_common.bus import Bus, BusOptions
 from fabrik_common.events import (
+    LlmUsage,
     Resources,
     RunCancelRequested,
     RunDispatched,
@@ -309,3 +310,64 @@ async def test_leader_failover_dispatches_nothing_twice(nats_url: str) -> None:
         finally:
             await standby.stop()
             await leader.http.stop()
+
+
+async def test_llm_usage_adds_up_on_the_run_exactly_once(nats_url: str) -> None:
+    service = build(settings(nats_url))
+    async with platform(nats_url) as p, running_service(service):
+        run_id = await p.submit()
+        await until(lambda: bool(p.of(RunDispatched, run_id)))
+        costs = [0.0125, 0.5, 0.0000003]
+        for i, cost in enumerate(costs):
+            await p.bus.publish(
+                LlmUsage(
+                    call_id=f"call-{i}",
+                    run_id=run_id,
+                    project="demo",
+                    key_id="k",
+                    endpoint="chat.completions",
+                    model="gpt-test",
+                    provider="echo",
+                    deployment="echo",
+                    upstream_model="echo",
+                    streamed=i % 2 == 0,
+                    input_tokens=100 * (i + 1),
+                    output_tokens=10 * (i + 1),
+                    cache_read_tokens=i,
+                    cost_usd=cost,
+                    latency_ms=5.0,
+                    outcome="ok",
+                )
+            )
+
+        async def calls() -> int:
+            return (await p.record(run_id)).llm_calls
+
+        deadline = time.monotonic() + 10
+        while await calls() < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        record = await p.record(run_id)
+        assert record.llm_calls == 3
+        assert record.cost_usd == round(sum(costs), 10)
+        assert (record.tokens.input, record.tokens.output, record.tokens.cache_read) == (600, 60, 3)
+
+        # Applying a usage event whose stream sequence was already counted changes nothing.
+        scheduler = service.state.scheduler
+        event = LlmUsage(
+            call_id="again",
+            run_id=run_id,
+            project="demo",
+            key_id="k",
+            endpoint="messages",
+            model="m",
+            provider="echo",
+            deployment="echo",
+            upstream_model="echo",
+            streamed=False,
+            cost_usd=1.0,
+            latency_ms=1.0,
+            outcome="ok",
+        )
+        async with service.state.lock:
+            assert await scheduler.apply_usage(event, record.usage_seq) is False
+        assert (await p.record(run_id)).cost_usd == record.cost_usd

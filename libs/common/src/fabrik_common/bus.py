@@ -273,6 +273,7 @@ class Router:
         ack_wait: float = 30.0,
         batch: int = 128,
         deliver_new_only: bool = False,
+        max_ack_pending: int = 2000,
     ) -> Callable[
         [Callable[[E, Context[Any]], Awaitable[None]]], Callable[[E, Context[Any]], Awaitable[None]]
     ]:
@@ -296,6 +297,7 @@ class Router:
                     ack_wait=ack_wait,
                     batch=batch,
                     deliver_new_only=deliver_new_only,
+                    max_ack_pending=max_ack_pending,
                 )
             )
             return fn

@@ -114,6 +114,9 @@ class RunRecord(msgspec.Struct, kw_only=True):
     cost_usd: float = 0.0
     tokens: Tokens = msgspec.field(default_factory=Tokens)
     peak_memory_bytes: int | None = None
+    # Stream sequence of the last `llm.usage` event added to cost_usd/tokens (exactly-once).
+    usage_seq: int = 0
+    llm_calls: int = 0
     revision: int = 0
 
     @property

@@ -7,6 +7,7 @@ One durable consumer over all the subjects keeps each run's events in stream ord
 from __future__ import annotations
 
 from fabrik_common.bus import Context, Router
+from fabrik_common.events import LlmUsage
 from fabrik_scheduler.scheduler import SchedulerInput
 from fabrik_scheduler.state import SchedulerState
 
@@ -29,3 +30,12 @@ async def on_run_input(event: SchedulerInput, ctx: Context[SchedulerState]) -> N
     async with ctx.state.lock:
         await ctx.state.scheduler.handle(event, redelivered=ctx.redelivered)
         await ctx.state.scheduler.dispatch()
+
+
+# One message at a time, in stream order: what makes the per-run `usage_seq` check exact.
+@router.subscriber(
+    "fabrik.llm.usage", durable="scheduler-llm-usage", batch=1, max_ack_pending=1, max_deliver=10
+)
+async def on_llm_usage(event: LlmUsage, ctx: Context[SchedulerState]) -> None:
+    async with ctx.state.lock:
+        await ctx.state.scheduler.apply_usage(event, ctx.stream_sequence)

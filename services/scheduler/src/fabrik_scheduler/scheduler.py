@@ -19,6 +19,7 @@ import msgspec
 from fabrik_common.bus import MSG_ID
 from fabrik_common.events import (
     Event,
+    LlmUsage,
     RunBudgetExceeded,
     RunCancelRequested,
     RunDispatched,
@@ -40,6 +41,7 @@ from fabrik_common.runs import (
     QueueEntry,
     QueueSnapshot,
     RunRecord,
+    Tokens,
     TransitionError,
     check_transition,
     is_terminal,
@@ -317,6 +319,35 @@ class Scheduler:
                 RunCancelRequested(run_id=record.run_id, requested_by="scheduler", reason="budget_exceeded"),
                 f"cancel-budget-{record.run_id}-{record.attempt}",
             )
+
+    async def apply_usage(self, event: LlmUsage, stream_sequence: int) -> bool:
+        """Add one LLM call's tokens and cost to its run. Usage events are handled one at a time
+        in stream order, so a sequence at or below the record's `usage_seq` was already counted."""
+        if event.run_id is None:
+            return False
+        record = self.active.get(event.run_id) or await self.store.get(event.run_id)
+        if record is None:
+            log.warning("usage for an unknown run", extra={"run_id": event.run_id, "call_id": event.call_id})
+            return False
+
+        def add(r: RunRecord) -> RunRecord | None:
+            if stream_sequence <= r.usage_seq:
+                return None
+            r.usage_seq = stream_sequence
+            r.llm_calls += 1
+            r.cost_usd = round(r.cost_usd + event.cost_usd, 10)
+            r.tokens = Tokens(
+                input=r.tokens.input + event.input_tokens,
+                output=r.tokens.output + event.output_tokens,
+                cache_read=r.tokens.cache_read + event.cache_read_tokens,
+                cache_write=r.tokens.cache_write + event.cache_write_tokens,
+            )
+            return r
+
+        updated = await self.store.update(record, add)
+        if updated is not None and updated.run_id in self.active:
+            self.active[updated.run_id] = updated
+        return updated is not None
 
     # ------------------------------------------------------------------ periodic decisions
 
