@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from fabrik_common.service import Service, run_service
-
 from fabrik_backup.handlers import router
 from fabrik_backup.settings import BackupSettings
+from fabrik_common.service import Service, run_service
 
 NAME = "backup"
 

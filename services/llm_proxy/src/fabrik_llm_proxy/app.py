@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fabrik_common.service import Service, run_service
-
 from fabrik_llm_proxy.handlers import router
 from fabrik_llm_proxy.settings import LlmProxySettings
 
