@@ -108,3 +108,12 @@ def test_remove_and_membership() -> None:
     assert q.remove("x") is None
     assert "x" not in q
     assert [r.run_id for r in q.order()] == ["y"]
+
+
+def test_select_stops_at_its_limit_in_the_same_order() -> None:
+    q = make()
+    for i in range(10):
+        q.add(run(f"a{i}", "a"))
+        q.add(run(f"b{i}", "b"))
+    everything = q.select()
+    assert [r.run_id for r in q.select(limit=3)] == [r.run_id for r in everything[:3]]

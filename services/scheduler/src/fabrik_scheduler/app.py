@@ -17,7 +17,9 @@ NAME = "scheduler"
 def build(settings: SchedulerSettings) -> Service[SchedulerState]:
     async def on_start(service: Service[SchedulerState]) -> SchedulerState:
         js = service.bus.js
-        store = RunStore(await js.key_value("runs"), await js.key_value("queue"))
+        store = RunStore(
+            await js.key_value("runs"), await js.key_value("queue"), max_payload=service.bus.nc.max_payload
+        )
         scheduler = Scheduler(settings, store, service.bus)
         queued = Gauge("fabrik_scheduler_queued_runs", "Runs waiting in the queue", registry=service.registry)
         active = Gauge(

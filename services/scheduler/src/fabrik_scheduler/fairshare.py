@@ -149,15 +149,17 @@ class FairShareQueue:
             project,
         )
 
-    def select(self) -> list[QueuedRun]:
-        """The runs to dispatch now, in order, within every limit. Does not change the queue."""
+    def select(self, limit: int | None = None) -> list[QueuedRun]:
+        """The runs to dispatch now (at most `limit`), in order, within every limit.
+
+        Does not change the queue."""
         usage = dict(self.usage)
         total = self.total
         cursor = {p: 0 for p in self._queues}
         heap = [self._entry(p, usage.get(p, ZERO), q.runs[0][1]) for p, q in self._queues.items()]
         heapq.heapify(heap)
         chosen: list[QueuedRun] = []
-        while heap:
+        while heap and (limit is None or len(chosen) < limit):
             *_, project = heapq.heappop(heap)
             queue = self._queues[project].runs
             run = queue[cursor[project]][1]

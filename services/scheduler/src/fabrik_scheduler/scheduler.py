@@ -66,6 +66,7 @@ SchedulerInput = (
 )
 
 SNAPSHOT_MAX_ENTRIES = 10_000
+DISPATCH_PASS_LIMIT = 100
 DEFAULT_RECENT_DURATIONS = 100
 
 
@@ -351,10 +352,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ periodic decisions
 
-    async def dispatch(self) -> int:
-        """Start every queued run that fits now, fairly. Returns how many were dispatched."""
+    async def dispatch(self, limit: int = DISPATCH_PASS_LIMIT) -> int:
+        """Start queued runs that fit now, fairly, at most `limit` in this pass (so the caller's
+        lock is not held for long when capacity opens up for thousands). Returns how many."""
         dispatched = 0
-        for queued in self.queue.select():
+        for queued in self.queue.select(limit):
             record = self.active.get(queued.run_id)
             if record is None or record.state != "queued":
                 continue

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from fabrik_scheduler.scheduler import Scheduler
+from fabrik_scheduler.scheduler import DISPATCH_PASS_LIMIT, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,9 @@ async def dispatch_loop(state: SchedulerState) -> None:
     interval = state.scheduler.settings.dispatch_interval_seconds
     while True:
         async with state.lock:
-            await state.scheduler.dispatch()
-        await asyncio.sleep(interval)
+            dispatched = await state.scheduler.dispatch()
+        # A full pass means more may fit: go again at once, letting inputs take the lock between.
+        await asyncio.sleep(0 if dispatched >= DISPATCH_PASS_LIMIT else interval)
 
 
 async def reaper_loop(state: SchedulerState) -> None:
@@ -47,5 +48,10 @@ async def snapshot_loop(state: SchedulerState) -> None:
             snapshot = state.scheduler.snapshot() if snapshot_needed else None
             state.scheduler.snapshot_dirty = False
         if snapshot is not None:
-            await state.scheduler.store.write_snapshot(snapshot)
+            try:
+                await state.scheduler.store.write_snapshot(snapshot)
+            except BaseException:
+                # Not stored: write it again on the next round (the supervisor restarts us).
+                state.scheduler.snapshot_dirty = True
+                raise
         await asyncio.sleep(interval)

@@ -17,9 +17,10 @@ _encode_snapshot = msgspec.json.Encoder().encode
 
 
 class RunStore:
-    def __init__(self, runs: KeyValue, queue: KeyValue) -> None:
+    def __init__(self, runs: KeyValue, queue: KeyValue, max_payload: int = 1024 * 1024) -> None:
         self.runs = runs
         self.queue = queue
+        self.max_payload = max_payload
 
     async def get(self, run_id: str) -> RunRecord | None:
         try:
@@ -84,5 +85,30 @@ class RunStore:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return records
 
-    async def write_snapshot(self, snapshot: QueueSnapshot) -> None:
-        await self.queue.put("snapshot", _encode_snapshot(snapshot))
+    async def write_snapshot(self, snapshot: QueueSnapshot) -> int:
+        """Store the snapshot, keeping as many leading entries as fit in one NATS message.
+
+        `total` still counts every queued run; runs beyond the stored entries have no position.
+        Returns the number of entries stored.
+        """
+        payload = fit_snapshot(snapshot, self.max_payload - 4096)
+        await self.queue.put("snapshot", payload)
+        return len(msgspec.json.decode(payload, type=QueueSnapshot).entries) if payload else 0
+
+
+def fit_snapshot(snapshot: QueueSnapshot, limit: int) -> bytes:
+    """The encoded snapshot, trimmed (by halving, then growing back) to at most `limit` bytes."""
+    payload = _encode_snapshot(snapshot)
+    if len(payload) <= limit:
+        return payload
+    entries = snapshot.entries
+    low, high = 0, len(entries)
+    best = _encode_snapshot(msgspec.structs.replace(snapshot, entries=[]))
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = _encode_snapshot(msgspec.structs.replace(snapshot, entries=entries[:middle]))
+        if len(candidate) <= limit:
+            best, low = candidate, middle + 1
+        else:
+            high = middle - 1
+    return best
