@@ -295,3 +295,41 @@ async def test_messages_waiting_behind_a_slow_handler_are_not_redelivered(nats_u
         assert sorted(calls) == [(0, 1), (1, 1), (2, 1), (3, 1)]
         info = await bus.js.consumer_info("RUNS", "t-slow-batch")
         assert info.num_redelivered == 0
+
+
+async def test_concurrent_subscriber_handles_several_at_once_each_once(nats_url: str) -> None:
+    active = 0
+    peak = 0
+    handled: Counter[int] = Counter()
+    router = Router()
+
+    @router.subscriber("fabrik.runs.progress.*", durable="t-concurrent", concurrency=4, ack_wait=2.0)
+    async def handle(event: RunProgress, ctx: Context[None]) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.4)
+        active -= 1
+        handled[event.finished or 0] += 1
+
+    async with connected_bus(nats_url) as bus:
+        for i in range(20):
+            await bus.publish(progress(i))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with consuming(bus, router) as group:
+            await eventually(lambda: sum(handled.values()) >= 6, timeout=10)
+            # Stop mid-way: what is in flight finishes, the rest stays in the stream.
+            await group.stop(grace=5)
+        first_pass = dict(handled)
+        async with consuming(bus, router):
+            await eventually(lambda: sum(handled.values()) >= 20, timeout=10)
+            await asyncio.sleep(0.5)
+        assert peak == 4
+        assert sorted(handled) == list(range(20))
+        assert max(handled.values()) == 1
+        assert sum(first_pass.values()) < 20
+        # 20 messages of 0.4 s, four at a time: about 2 s of handling, not 8 s.
+        assert loop.time() - started < 6.5
+        info = await bus.js.consumer_info("RUNS", "t-concurrent")
+        assert info.num_redelivered == 0

@@ -234,6 +234,7 @@ class Subscriber:
     batch: int = 128
     max_ack_pending: int = 2000
     deliver_new_only: bool = False
+    concurrency: int = 1
 
     @property
     def name(self) -> str:
@@ -274,11 +275,14 @@ class Router:
         batch: int = 128,
         deliver_new_only: bool = False,
         max_ack_pending: int = 2000,
+        concurrency: int = 1,
     ) -> Callable[
         [Callable[[E, Context[Any]], Awaitable[None]]], Callable[[E, Context[Any]], Awaitable[None]]
     ]:
         if not subjects:
             raise ValueError("a subscriber needs at least one subject")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         resolved_stream = stream or stream_for_subject(subjects[0])
 
         def register(
@@ -298,6 +302,7 @@ class Router:
                     batch=batch,
                     deliver_new_only=deliver_new_only,
                     max_ack_pending=max_ack_pending,
+                    concurrency=concurrency,
                 )
             )
             return fn
@@ -388,6 +393,9 @@ class ConsumerGroup(Generic[StateT]):
         sub = run.subscriber
         psub = await self._bind(sub)
         run.bound.set()
+        if sub.concurrency > 1:
+            await self._consume_concurrently(sub, psub)
+            return
         # One heartbeat and one set of labelled metrics per consumer, not per message: it handles
         # its messages one at a time.
         heartbeat = _InProgressHeartbeat(asyncio.get_running_loop(), sub.ack_wait / 3)
@@ -413,6 +421,55 @@ class ConsumerGroup(Generic[StateT]):
                 heartbeat.batch = []
         finally:
             heartbeat.close()
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await psub.unsubscribe()
+
+    async def _consume_concurrently(self, sub: Subscriber, psub: JetStreamContext.PullSubscription) -> None:
+        """Up to `sub.concurrency` messages in flight, each acked on its own. Only as many are
+        fetched as there are free slots, so no fetched message waits without a heartbeat."""
+        loop = asyncio.get_running_loop()
+        counters = _ConsumerMetrics(self.bus.metrics, sub.name)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def handle(msg: Msg) -> None:
+            heartbeat = _InProgressHeartbeat(loop, sub.ack_wait / 3)
+            try:
+                await self._handle(sub, msg, heartbeat, counters)
+            finally:
+                heartbeat.close()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("message handling crashed", exc_info=task.exception(), extra={"consumer": sub.name})
+
+        try:
+            while not self._stopping.is_set():
+                free = sub.concurrency - len(in_flight)
+                if free <= 0:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    msgs = await psub.fetch(min(free, sub.batch), timeout=self.fetch_timeout)
+                except _TRANSIENT_FETCH:
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    if self._stopping.is_set():
+                        break
+                    await asyncio.sleep(0.5)
+                    continue
+                for index, msg in enumerate(msgs):
+                    if self._stopping.is_set():
+                        await self._return_unstarted(msgs[index:])
+                        break
+                    task = asyncio.create_task(handle(msg))
+                    in_flight.add(task)
+                    task.add_done_callback(finished)
+            if in_flight:
+                await asyncio.wait(in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
                 await psub.unsubscribe()
 

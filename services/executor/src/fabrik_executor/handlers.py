@@ -9,8 +9,10 @@ from fabrik_executor.state_types import ExecutorState
 router = Router()
 
 
+# Starting a workload waits on a clone and a process start; several starts run side by side
+# (the backend serialises what belongs to one run).
 @router.subscriber(
-    RunDispatched.subject_filter(), durable="executor-dispatched", max_deliver=5, ack_wait=60.0
+    RunDispatched.subject_filter(), durable="executor-dispatched", max_deliver=5, ack_wait=60.0, concurrency=8
 )
 async def on_dispatched(event: RunDispatched, ctx: Context[ExecutorState]) -> None:
     """Start the attempt; returns once RunStarted (or RunFinished when it could not start) is stored."""
