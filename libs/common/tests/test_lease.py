@@ -77,3 +77,25 @@ async def test_standby_takes_over_after_leader_crash_and_only_the_leader_consume
     await b.stop()
     await publisher.bus.close()
     await a.http.stop()
+
+
+async def test_cancel_all_ends_a_task_that_swallows_one_cancellation() -> None:
+    from fabrik_common.aio import cancel_all
+
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed > 1:
+                    raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_all([task], patience=0.1), 5)
+    assert task.cancelled()
+    assert swallowed == 2

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from prometheus_client import Counter, Histogram
 
+from fabrik_common.aio import cancel_all
 from fabrik_common.codec import EventCodec, EventDecodeError, encode
 from fabrik_common.events import Event
 from fabrik_common.metrics import BusMetrics
@@ -363,11 +364,7 @@ class ConsumerGroup(Generic[StateT]):
         if not tasks:
             return
         done, pending = await asyncio.wait(tasks, timeout=grace)
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(list(pending))
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 log.error("consumer ended with an error", exc_info=task.exception())

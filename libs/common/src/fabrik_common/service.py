@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -15,6 +14,7 @@ from typing import Any, Generic, TypeVar, cast
 from litestar.types import ControllerRouterHandler
 from prometheus_client import CollectorRegistry, Gauge
 
+from fabrik_common.aio import cancel_all
 from fabrik_common.bus import Bus, BusOptions, ConsumerGroup, Router
 from fabrik_common.http import HealthProbe, HttpServer, build_http_app
 from fabrik_common.lease import LeaderLease
@@ -161,11 +161,7 @@ class Service(Generic[StateT]):
             await self._consumers.stop(self.settings.shutdown_grace_seconds)
             self._consumers = None
         background, self._background = self._background, []
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(background)
 
     async def _supervise(self, factory: Callable[[StateT], Awaitable[None]]) -> None:
         name = getattr(factory, "__qualname__", repr(factory))
