@@ -8,6 +8,9 @@ Environment (besides what Fabrik sets: FABRIK_WORKSPACE, FABRIK_RUN_ID, FABRIK_A
   HELLO_STEPS              number of steps (default 6)
   HELLO_STEP_SECONDS       seconds per step (default 0.5)
   HELLO_FAIL_AFTER_STEP    make the first attempt fail after this step (to try `fabrik resume`)
+  HELLO_MODEL              model of its one LLM call through the llm-proxy (default gpt-4o-mini;
+                           answered by the offline `echo` provider when no provider is configured)
+  HELLO_LLM                `off` skips the LLM call
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 try:
@@ -44,6 +49,44 @@ def save_checkpoint(path: Path, done: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"done": done}))
     tmp.replace(path)
+
+
+def ask_llm(question: str) -> str | None:
+    """One chat completion through the llm-proxy, with the run's own key (OpenAI wire format)."""
+    base = os.environ.get("OPENAI_BASE_URL")
+    key = os.environ.get("OPENAI_API_KEY")
+    if os.environ.get("HELLO_LLM") == "off" or not base or not key:
+        print("hello: no LLM endpoint in the environment; skipping the LLM call")
+        return None
+    if not base.startswith(("http://", "https://")):
+        print(f"hello: OPENAI_BASE_URL must be an http(s) URL, not {base!r}", file=sys.stderr)
+        raise SystemExit(2)
+    body = json.dumps(
+        {
+            "model": os.environ.get("HELLO_MODEL", "gpt-4o-mini"),
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 64,
+        }
+    ).encode()
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
+        f"{base.rstrip('/')}/chat/completions",
+        data=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - the llm-proxy URL Fabrik set
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"hello: the LLM call failed: {exc.code} {exc.read()[:300]!r}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    except OSError as exc:
+        print(f"hello: the LLM endpoint is unreachable: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    text = str(answer["choices"][0]["message"]["content"])
+    usage = answer.get("usage") or {}
+    print(f"hello: the model ({answer.get('model')}) said: {text[:200]}")
+    print(f"hello: tokens in {usage.get('prompt_tokens')} / out {usage.get('completion_tokens')}")
+    return text
 
 
 def main() -> int:
@@ -76,6 +119,7 @@ def main() -> int:
             print(f"hello: failing after step {step} as HELLO_FAIL_AFTER_STEP asks", file=sys.stderr)
             return 1
 
+    answer = ask_llm(f"Say hello to {title}, in one short sentence.")
     report_progress(phase="verify", task="done", finished=steps, total=steps)
     (workspace / "hello.txt").write_text(
         f"Hello from Fabrik run {run_id}, attempt {attempt}: {steps} steps done"
@@ -90,6 +134,7 @@ def main() -> int:
             "resumed_from": resumed_from,
             "attempt": attempt,
             "file": "hello.txt",
+            "llm_answered": answer is not None,
         }
     )
     return 0

@@ -6,6 +6,7 @@ workload as a process of the local executor backend, and HTTP calls to the gatew
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,8 +88,6 @@ def hello_command(steps: int = 6, step_seconds: float = 0.3) -> dict[str, Any]:
 
 
 def submit(client: httpx.Client, api: str, **body: Any) -> dict[str, Any]:
-    import json
-
     payload: dict[str, Any] = {"project": "demo", "spec": json.loads(SPEC.read_text()), **body}
     response = client.post(f"{api}/runs", json=payload)
     assert response.status_code == 201, response.text
@@ -271,8 +270,6 @@ def test_nats_restart_mid_flight_loses_nothing(stack: Stack) -> None:
 
 def submit_when_ready(client: httpx.Client, api: str) -> dict[str, Any]:
     """After a NATS restart the gateway answers 503 until it is connected again: retry like a client."""
-    import json
-
     payload = {"project": "demo", "spec": json.loads(SPEC.read_text()), "workload": hello_command(2, 0.2)}
 
     def attempt() -> dict[str, Any] | None:
@@ -315,6 +312,8 @@ def test_fabrik_up_and_down_run_hello(tmp_path: Path) -> None:
                 "--spec",
                 str(SPEC),
                 "--wait",
+                "-o",
+                "json",
                 "--env-var",
                 "HELLO_STEP_SECONDS=0.1",
                 "--",
@@ -327,6 +326,13 @@ def test_fabrik_up_and_down_run_hello(tmp_path: Path) -> None:
             timeout=120,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+        # The workload's one LLM call went through this stack's llm-proxy with the run's own key
+        # (answered offline by echo) and is accounted on the run.
+        run = json.loads(result.stdout)
+        assert run["state"] == "succeeded"
+        assert run["tokens"]["input"] > 0
+        assert run["tokens"]["output"] > 0
+        assert run["cost_usd"] == 0.0  # echo's price
         down = subprocess.run(
             [*cli, "down", "--data-dir", str(tmp_path / "data")],
             env=env,

@@ -33,7 +33,9 @@ from types import FrameType
 from typing import Any, Literal, Protocol
 
 from fabrik_backup.settings import BackupSettings
+from fabrik_common.envs import KEY_FILE_VARIABLE, EnvKeyError, ensure_key_file, key_configured, local_key_file
 from fabrik_common.natsserver import NatsServer, NatsServerError, free_port, port_is_free
+from fabrik_common.runkeys import generate_run_key_secret
 from fabrik_common.settings import CommonSettings
 from fabrik_executor.settings import ExecutorSettings
 from fabrik_gateway.settings import GatewaySettings
@@ -83,6 +85,10 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("backup", "fabrik_backup", BackupSettings, "snapshots and restore"),
 )
 SERVICE_NAMES: tuple[str, ...] = tuple(s.name for s in SERVICES)
+
+
+def run_key_secret_file(data_dir: Path) -> Path:
+    return data_dir / "secrets" / "run-key"
 
 
 def service_spec(name: str) -> ServiceSpec:
@@ -488,6 +494,7 @@ class ManagedService:
         self.config = config
         self.port = config.ports.services[spec.name]
         self.log_path = paths.log_for(spec.name)
+        self.data_dir = paths.data_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready = False
         self.restarts = 0
@@ -509,6 +516,12 @@ class ManagedService:
 
     def env(self, nats_url: str) -> dict[str, str]:
         env = {**os.environ, **self.config.extra_env}
+        if not env.get("FABRIK_RUN_KEY_SECRET"):
+            env.setdefault("FABRIK_RUN_KEY_SECRET_FILE", str(run_key_secret_file(self.data_dir)))
+        # Runs reach the llm-proxy of this stack, wherever its port is.
+        proxy_port = self.config.ports.services.get("llm-proxy")
+        if proxy_port is not None:
+            env.setdefault("FABRIK_LLM_PROXY_URL", f"http://{self.config.host}:{proxy_port}")
         env.update(
             FABRIK_NATS_URL=nats_url,
             FABRIK_HTTP_HOST=self.config.host,
@@ -522,6 +535,12 @@ class ManagedService:
         # A service drains in-flight work for its shutdown grace, then closes its connections:
         # keep that inside the supervisor's grace so a clean stop is not cut short by SIGKILL.
         env.setdefault("FABRIK_SHUTDOWN_GRACE_SECONDS", f"{max(0.5, self.config.stop_grace * 0.75):g}")
+        # Project environments are encrypted with the stack's own key unless one is configured
+        # (docs/environments.md); anonymous callers are admin on a stack bound to 127.0.0.1 (the
+        # gateway logs a warning saying so).
+        if not key_configured(env):
+            env[KEY_FILE_VARIABLE] = str(local_key_file(self.config.data_dir))
+        env.setdefault("FABRIK_ANONYMOUS_ROLE", "admin")
         return env
 
     def start(self, nats_url: str) -> None:
@@ -668,6 +687,8 @@ class LocalStack:
 
     def _run_locked(self) -> int:
         rotate_logs(self.paths)
+        self._ensure_env_key()
+        self._ensure_run_key_secret()
         self._write_state()
         try:
             self.console.info(f"starting NATS JetStream on {self.nats.url} ...")
@@ -694,6 +715,37 @@ class LocalStack:
             raise
         finally:
             self.paths.state_file.unlink(missing_ok=True)
+
+    def _ensure_env_key(self) -> None:
+        """The encryption key of project environments, made once per data directory."""
+        if key_configured({**os.environ, **self.config.extra_env}):
+            return
+        path = local_key_file(self.paths.data_dir)
+        try:
+            if ensure_key_file(path):
+                self.console.info(
+                    f"created the encryption key of project environments: {path} "
+                    "(keep it: the environments stored in NATS cannot be read without it)"
+                )
+        except (OSError, EnvKeyError) as exc:
+            raise StackError(f"cannot create the environments' encryption key {path}: {exc}") from exc
+
+    def _ensure_run_key_secret(self) -> None:
+        """The secret that signs run-scoped LLM keys, shared by the executor (which issues them)
+        and the llm-proxy (which verifies them); made once per data directory."""
+        env = {**os.environ, **self.config.extra_env}
+        if env.get("FABRIK_RUN_KEY_SECRET") or env.get("FABRIK_RUN_KEY_SECRET_FILE"):
+            return
+        path = run_key_secret_file(self.paths.data_dir)
+        try:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(generate_run_key_secret() + "\n")
+                self.console.info(f"created the secret that signs run-scoped LLM keys: {path}")
+        except OSError as exc:
+            raise StackError(f"cannot create the run-key secret {path}: {exc}") from exc
 
     def _wait_ready(self) -> bool:
         """True when every service is ready; False when a stop was asked for meanwhile."""

@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from fabrik_cli.commands.doctor import doctor
+from fabrik_cli.commands.env import env_group
 from fabrik_cli.commands.runs import cancel, logs, projects, queue, resume, run, runs
 from fabrik_cli.commands.spec import spec
 from fabrik_cli.commands.stack import down, status, up
@@ -44,3 +46,7 @@ cli.add_command(resume)
 cli.add_command(queue)
 cli.add_command(projects)
 cli.add_command(spec)
+# environments
+cli.add_command(env_group)
+# checks
+cli.add_command(doctor)

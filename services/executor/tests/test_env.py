@@ -1,14 +1,22 @@
-"""The workload's environment: dotenv parsing, reserved keys, precedence."""
+"""The workload's environment: sources of the project environment, reserved keys, precedence."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fabrik_common.envs import EnvKeyMissingError
 from fabrik_common.events import Resources, RunDispatched, RunParameters, Workload
-from fabrik_executor.env import build_env, load_project_env, parse_dotenv
+from fabrik_executor.env import (
+    EmptyEnvSource,
+    ProjectEnvError,
+    StoreEnvSource,
+    build_env,
+    legacy_env_files,
+)
 from fabrik_executor.local_backend import LaunchError, check_executable, resolve_argv
 
 RUN = "01JABCDEFGHJKMNPQRSTVWXYZ0"
@@ -28,58 +36,28 @@ def dispatch(env: dict[str, str] | None = None, command: tuple[str, ...] = ()) -
     )
 
 
-def test_dotenv_parsing() -> None:
-    text = "\n".join(
-        [
-            "# a comment",
-            "",
-            "PLAIN=value",
-            "  SPACED = padded value  ",
-            "export EXPORTED=yes",
-            "SINGLE='literal $HOME \\n'",
-            'DOUBLE="line\\nbreak \\"quoted\\""',
-            "TRAILING=abc # comment",
-            "HASH=abc#def",
-            "EMPTY=",
-            "EQUALS=a=b=c",
-            "not a pair",
-            "1BAD=x",
-            "OPEN='unterminated",
-        ]
-    )
-    values, warnings = parse_dotenv(text, source="dev.env")
-    assert values == {
-        "PLAIN": "value",
-        "SPACED": "padded value",
-        "EXPORTED": "yes",
-        "SINGLE": "literal $HOME \\n",
-        "DOUBLE": 'line\nbreak "quoted"',
-        "TRAILING": "abc",
-        "HASH": "abc#def",
-        "EMPTY": "",
-        "EQUALS": "a=b=c",
-    }
-    assert warnings == [
-        "dev.env:12: not a KEY=VALUE line, skipped",
-        "dev.env:13: not a KEY=VALUE line, skipped",
-        "dev.env:14: unterminated quote in OPEN, skipped",
-    ]
-
-
-def test_reserved_keys_are_skipped_with_a_warning() -> None:
-    values, warnings = parse_dotenv("FABRIK_RUN_ID=x\nSMITHERS_TOKEN=y\nfabrik_lower=z\nOK=1\n", source="f")
-    assert values == {"OK": "1"}
-    assert [w.split(":")[1] for w in warnings] == ["1", "2", "3"]
-    assert all("reserved" in w for w in warnings)
-
-
-def test_project_env_file_location(tmp_path: Path) -> None:
-    assert load_project_env(tmp_path, "demo", "dev") == ({}, [])
+def test_legacy_env_files_are_found_not_read(tmp_path: Path) -> None:
+    assert legacy_env_files(tmp_path) == []
     path = tmp_path / "env" / "demo" / "dev.env"
     path.parent.mkdir(parents=True)
     path.write_text("A=1\n")
-    assert load_project_env(tmp_path, "demo", "dev") == ({"A": "1"}, [])
-    assert load_project_env(tmp_path, "demo", "prod") == ({}, [])
+    assert legacy_env_files(tmp_path) == [path]
+
+
+async def test_empty_env_source() -> None:
+    source = EmptyEnvSource({("demo", "dev"): {"A": "1"}})
+    assert await source.load("demo", "dev") == {"A": "1"}
+    assert await source.load("demo", "prod") == {}
+
+
+async def test_store_errors_become_project_env_errors() -> None:
+    class NoStore:
+        async def key_value(self, bucket: str) -> Any:
+            raise EnvKeyMissingError("no key")
+
+    source = StoreEnvSource(lambda: NoStore(), None)  # type: ignore[arg-type, return-value]
+    with pytest.raises(ProjectEnvError, match="no key"):
+        await source.load("demo", "dev")
 
 
 def test_build_env_is_clean_and_ordered(tmp_path: Path) -> None:

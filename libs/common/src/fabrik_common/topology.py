@@ -91,6 +91,12 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec("leases", "Leader-election leases of services that need one decider"),
     BucketSpec("queue", "The scheduler's queue snapshot in dispatch order; written only by the scheduler"),
     BucketSpec("idempotency", "Idempotency-Key of submits -> run id, kept a day", ttl_seconds=24 * 3600),
+    # One revision per key: a replaced or deleted secret does not linger in the bucket's history.
+    BucketSpec(
+        "envs",
+        "Project environments <project>.<env>, values encrypted; written only by the gateway, "
+        "with revision checks",
+    ),
 )
 
 OBJECT_STORES: tuple[BucketSpec, ...] = (BucketSpec("artifacts", "Run artifacts"),)

@@ -4,101 +4,98 @@ Clean, not inherited: a workload sees only what is listed here, in increasing pr
 
 1. basics: `PATH` (the executor's, or `FABRIK_WORKLOAD_PATH`), `HOME` = the workspace, `LANG`,
    `PYTHONUNBUFFERED=1` (so Python workloads stream their output instead of buffering it);
-2. the project environment file `<data>/env/<project>/<env>.env` (dotenv `KEY=VALUE` lines);
+2. the project environment of the run's project and env, read from the encrypted store (KV bucket
+   `envs`, written by the gateway: `fabrik env set ...`) when the run is dispatched;
 3. `workload.env` of the run;
 4. the LLM endpoints: `OPENAI_BASE_URL=<llm-proxy>/v1`, `ANTHROPIC_BASE_URL=<llm-proxy>`;
 5. the run-scoped LLM key from the `RunKeyProvider` hook (none yet: a later issue signs one);
 6. the run's metadata: `FABRIK_RUN_ID`, `FABRIK_PROJECT`, `FABRIK_ENV`, `FABRIK_ATTEMPT`,
    `FABRIK_WORKSPACE`, `FABRIK_SPEC_FILE` / `FABRIK_TODO_FILE` (when there is one).
 
-Keys starting `FABRIK_` or `SMITHERS_` are reserved (DESIGN §3): in the env file or `workload.env`
-they are skipped with a warning, which the executor also writes into the run's log.
+Keys starting `FABRIK_` or `SMITHERS_` are reserved (DESIGN §3): the gateway refuses them in a
+project environment; in `workload.env` they are skipped with a warning, which the executor also
+writes into the run's log.
+
+The project env files `<data>/executor/env/<project>/<env>.env` of earlier versions are no longer
+read; `legacy_env_files` finds them so that the executor can say how to import them.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from nats.js import JetStreamContext
+
+from fabrik_common.envs import EnvCipher, EnvStoreError, is_reserved, read_env
 from fabrik_common.events import RunDispatched
 
 RESERVED_PREFIXES = ("FABRIK_", "SMITHERS_")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DOUBLE_QUOTED_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+
+__all__ = [
+    "DEFAULT_PATH",
+    "EmptyEnvSource",
+    "NoRunKey",
+    "ProjectEnvError",
+    "ProjectEnvSource",
+    "RunKeyProvider",
+    "StoreEnvSource",
+    "build_env",
+    "is_reserved",
+    "legacy_env_files",
+    "llm_endpoint_env",
+]
 
 
-def is_reserved(key: str) -> bool:
-    return key.upper().startswith(RESERVED_PREFIXES)
+class ProjectEnvError(Exception):
+    """The run's project environment exists but cannot be used (no key, wrong key, corrupt): the
+    attempt fails with this message rather than start without its variables."""
 
 
-def parse_dotenv(text: str, source: str = ".env") -> tuple[dict[str, str], list[str]]:
-    """`KEY=VALUE` lines: `#` comments, blank lines, an optional `export `, single quotes taken
-    literally, double quotes with `\\n`-style escapes, unquoted values trimmed and cut at ` #`.
-    Returns the values and one warning per line that was skipped."""
-    values: dict[str, str] = {}
-    warnings: list[str] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not _KEY.match(key):
-            warnings.append(f"{source}:{number}: not a KEY=VALUE line, skipped")
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == "'":
-            value = value[1:-1]
-        elif len(value) >= 2 and value[0] == value[-1] == '"':
-            value = _unescape(value[1:-1])
-        elif value[:1] in ("'", '"'):
-            warnings.append(f"{source}:{number}: unterminated quote in {key}, skipped")
-            continue
-        else:
-            comment = value.find(" #")
-            if comment >= 0:
-                value = value[:comment].rstrip()
-        if is_reserved(key):
-            warnings.append(f"{source}:{number}: {key} is reserved (FABRIK_*, SMITHERS_*), skipped")
-            continue
-        values[key] = value
-    return values, warnings
+class ProjectEnvSource(Protocol):
+    """Where the project environment of a run comes from."""
+
+    async def load(self, project: str, env: str) -> dict[str, str]:
+        """The variables ({} when the environment was never set). Raises `ProjectEnvError` for a
+        permanent problem; NATS errors (worth a retry: the dispatch is redelivered) propagate."""
+        ...
 
 
-def _unescape(text: str) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char == "\\" and i + 1 < len(text) and text[i + 1] in _DOUBLE_QUOTED_ESCAPES:
-            out.append(_DOUBLE_QUOTED_ESCAPES[text[i + 1]])
-            i += 2
-            continue
-        out.append(char)
-        i += 1
-    return "".join(out)
+class StoreEnvSource:
+    """The encrypted `envs` KV bucket (`fabrik_common.envs.read_env`)."""
+
+    def __init__(self, js: Callable[[], JetStreamContext], cipher: EnvCipher | None) -> None:
+        self._js = js
+        self.cipher = cipher
+
+    async def load(self, project: str, env: str) -> dict[str, str]:
+        try:
+            return await read_env(self._js(), project, env, self.cipher)
+        except EnvStoreError as exc:
+            raise ProjectEnvError(str(exc)) from exc
 
 
-def project_env_file(root: Path, project: str, env: str) -> Path:
-    return root / "env" / project / f"{env}.env"
+class EmptyEnvSource:
+    """No project environments (tests, tools)."""
+
+    def __init__(self, values: Mapping[tuple[str, str], Mapping[str, str]] | None = None) -> None:
+        self.values = {k: dict(v) for k, v in (values or {}).items()}
+
+    async def load(self, project: str, env: str) -> dict[str, str]:
+        return dict(self.values.get((project, env), {}))
 
 
-def load_project_env(root: Path, project: str, env: str) -> tuple[dict[str, str], list[str]]:
-    """The project's env file for `env`, if there is one."""
-    path = project_env_file(root, project, env)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}, []
-    except OSError as exc:
-        return {}, [f"cannot read {path}: {exc.strerror or exc}"]
-    return parse_dotenv(text, source=str(path))
+def legacy_env_files(root: Path) -> list[Path]:
+    """Project env files of earlier versions under `<root>/env/` (no longer read)."""
+    directory = root / "env"
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("*/*.env") if p.is_file())
 
 
 class RunKeyProvider(Protocol):

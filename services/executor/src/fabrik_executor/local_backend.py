@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
@@ -54,7 +55,14 @@ from fabrik_common.ids import utcnow
 from fabrik_common.runs import parse_memory
 from fabrik_executor import procfs
 from fabrik_executor.backend import EventSink
-from fabrik_executor.env import NoRunKey, RunKeyProvider, build_env, load_project_env
+from fabrik_executor.env import (
+    EmptyEnvSource,
+    NoRunKey,
+    ProjectEnvError,
+    ProjectEnvSource,
+    RunKeyProvider,
+    build_env,
+)
 from fabrik_executor.metrics import ExecutorMetrics
 from fabrik_executor.outcome import ExitStatus, KillReason, Verdict, map_exit
 from fabrik_executor.settings import ExecutorSettings
@@ -380,12 +388,14 @@ class LocalBackend:
         metrics: ExecutorMetrics,
         *,
         run_keys: RunKeyProvider | None = None,
+        project_envs: ProjectEnvSource | None = None,
         root: Path | None = None,
     ) -> None:
         self.settings = settings
         self.sink = sink
         self.metrics = metrics
         self.run_keys = run_keys or NoRunKey()
+        self.project_envs: ProjectEnvSource = project_envs or EmptyEnvSource()
         self.layout = Layout(root or settings.executor_dir())
         self._runners: dict[tuple[str, int], AttemptRunner] = {}
         # Per-run locks, dropped once nobody holds or waits for them.
@@ -568,6 +578,14 @@ class LocalBackend:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(older.done.wait(), self.settings.cancel_grace_seconds + 15)
 
+        # Read before anything is recorded: a NATS error here propagates and the dispatch is
+        # redelivered; an environment that cannot be used fails the attempt below.
+        env_problem: str | None = None
+        try:
+            project_env = await self.project_envs.load(dispatch.project, dispatch.env)
+        except ProjectEnvError as exc:
+            project_env, env_problem = {}, str(exc)
+
         memory_limit: int | None = None
         if self.settings.enforce_memory_limit:
             with contextlib.suppress(ValueError):
@@ -603,8 +621,13 @@ class LocalBackend:
                     ),
                 )
                 return
+            if env_problem is not None:
+                await self._finish_without_start(
+                    runner, Verdict("failed", "infra_error", None, f"project environment: {env_problem}")
+                )
+                return
             try:
-                await asyncio.to_thread(self._prepare, state, runner.dir)
+                await asyncio.to_thread(self._prepare, state, runner.dir, project_env)
             except (WorkspaceError, LaunchError) as exc:
                 await self._finish_without_start(runner, Verdict("failed", "infra_error", None, str(exc)))
                 return
@@ -681,7 +704,7 @@ class LocalBackend:
             await runner.emit(emission, tailer)
         await runner.finish(verdict, None)
 
-    def _prepare(self, state: AttemptState, attempt_dir: Path) -> None:
+    def _prepare(self, state: AttemptState, attempt_dir: Path, project_env: Mapping[str, str]) -> None:
         """Blocking: workspace, environment, command; writes launch.json and the first system lines."""
         dispatch = state.dispatch
         settings = self.settings
@@ -690,8 +713,7 @@ class LocalBackend:
             self.layout.root, dispatch, clone_timeout=settings.clone_timeout_seconds
         )
         notes.extend(workspace.notes)
-        project_env, env_warnings = load_project_env(self.layout.root, dispatch.project, dispatch.env)
-        env, more_warnings = build_env(
+        env, warnings = build_env(
             dispatch,
             workspace=workspace.path,
             project_env=project_env,
@@ -701,7 +723,6 @@ class LocalBackend:
             todo_file=workspace.todo_file,
             path=settings.workload_path or None,
         )
-        warnings = env_warnings + more_warnings
         for warning in warnings:
             log.warning("environment entry skipped", extra={"run_id": dispatch.run_id, "detail": warning})
         argv = resolve_argv(dispatch.params.workload, settings.default_command)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -14,14 +15,16 @@ from litestar.openapi.spec import Schema
 
 from fabrik_common import specs
 from fabrik_common.service import Service, run_service
-from fabrik_gateway import models
-from fabrik_gateway.api import RunsController, SystemController
+from fabrik_gateway import envs, models
+from fabrik_gateway.api import EnvsController, RunsController, SystemController
 from fabrik_gateway.auth import Principal, current_principal
 from fabrik_gateway.gateway import Gateway
 from fabrik_gateway.handlers import router
 from fabrik_gateway.metrics import UNMATCHED, metrics_middleware
 from fabrik_gateway.problems import make_exception_handlers
 from fabrik_gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
 
 NAME = "gateway"
 API_VERSION = "1.0.0"
@@ -45,6 +48,14 @@ def openapi_config() -> OpenAPIConfig:
 
 def build(settings: GatewaySettings) -> Service[Gateway]:
     gateway = Gateway(settings)
+    if settings.anonymous_role in ("maintainer", "admin"):
+        log.warning(
+            "ANONYMOUS ACCESS HAS THE %s ROLE (FABRIK_ANONYMOUS_ROLE=%s): anyone who reaches this gateway "
+            "may change every environment, protected ones included. Fine for a local stack on 127.0.0.1; "
+            "never expose such a gateway.",
+            settings.anonymous_role.upper(),
+            settings.anonymous_role,
+        )
 
     def count_unmatched(request: Request[Any, Any, Any], status: int) -> None:
         if gateway.metrics is not None:
@@ -59,7 +70,7 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
         routers=[router],
         on_start=gateway.on_start,
         on_stop=gateway.on_stop,
-        route_handlers=[RunsController, SystemController],
+        route_handlers=[RunsController, SystemController, EnvsController],
         http_app_kwargs={
             "dependencies": {
                 "gateway": Provide(provide_gateway, sync_to_thread=False),
@@ -91,7 +102,7 @@ def close_strict_schemas(app: Litestar) -> None:
 
 _STRICT_MODELS: dict[str, type[msgspec.Struct]] = {
     cls.__name__: cls
-    for module in (models, specs)
+    for module in (models, specs, envs)
     for cls in vars(module).values()
     if isinstance(cls, type)
     and issubclass(cls, msgspec.Struct)

@@ -15,11 +15,13 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from fabrik_common.bus import Bus, PublishError
+from fabrik_common.envs import EnvKeyMissingError, require_key_if_used
 from fabrik_common.events import TERMINAL_STATES, Event, RunCancelRequested, RunRequested, RunResumeRequested
 from fabrik_common.ids import is_ulid, new_ulid
 from fabrik_common.runs import RESUMABLE_STATES, QueueSnapshot, RunRecord
 from fabrik_common.service import Service
 from fabrik_gateway.auth import Principal
+from fabrik_gateway.envs import EnvService
 from fabrik_gateway.metrics import GatewayMetrics
 from fabrik_gateway.models import ActionAccepted, RunView
 from fabrik_gateway.problems import ProblemError, not_found
@@ -95,6 +97,13 @@ class Gateway:
             require_image_digest=settings.require_image_digest, max_labels=settings.max_labels
         )
         self.metrics: GatewayMetrics | None = None
+        self.envs = EnvService(
+            encryption_key=settings.env_encryption_key,
+            encryption_key_file=settings.env_encryption_key_file,
+            max_value_bytes=settings.env_max_value_bytes,
+            max_keys=settings.env_max_keys,
+            max_total_bytes=settings.env_max_total_bytes,
+        )
         self._service: Service[Gateway] | None = None
         self._idempotency: KeyValue | None = None
         self._logs: LogReader | None = None
@@ -117,6 +126,12 @@ class Gateway:
         self._idempotency = await js.key_value(IDEMPOTENCY_BUCKET)
         self._logs = LogReader(js)
         self._events = EventReader(js)
+        try:
+            await require_key_if_used(js, self.envs.cipher, "gateway")
+        except EnvKeyMissingError as exc:
+            log.critical("cannot start: %s", exc)
+            raise SystemExit(2) from None
+        await self.envs.start(js, service.bus.publish)
         self.stopping = False
         return self
 

@@ -6,7 +6,14 @@ from typing import Annotated
 
 import msgspec
 
+from fabrik_common.envs import (
+    DEFAULT_MAX_KEYS,
+    DEFAULT_MAX_TOTAL_BYTES,
+    DEFAULT_MAX_VALUE_BYTES,
+    load_env_cipher,
+)
 from fabrik_common.settings import CommonSettings, Port, PositiveFloat, PositiveInt
+from fabrik_gateway.auth import AnonymousRole
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
@@ -32,3 +39,23 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     """After a followed run ends, how long to wait for its last log chunks before closing."""
     events_default_limit: PositiveInt = 1000
     events_max_limit: PositiveInt = 10000
+    # Access (until authentication exists, every caller is anonymous)
+    anonymous_role: AnonymousRole = "viewer"
+    """Role of anonymous callers: `none`, `viewer`, `developer`, `maintainer` or `admin`. `fabrik up`
+    sets `admin` (a local stack listens on 127.0.0.1 only); anything above `developer` is logged as a
+    warning at start, because anyone who reaches the gateway may then change protected environments."""
+    # Project environments (docs/environments.md)
+    env_encryption_key: str = ""
+    """Fernet key(s) encrypting project env values at rest (comma-separated: the first encrypts, all
+    decrypt). Without a key (and without a key file) the env endpoints answer 503; with environments
+    stored, the gateway refuses to start."""
+    env_encryption_key_file: str = ""
+    """A file holding the key(s) instead (a mounted Secret); set one of the two, not both."""
+    env_max_value_bytes: PositiveInt = DEFAULT_MAX_VALUE_BYTES
+    env_max_keys: PositiveInt = DEFAULT_MAX_KEYS
+    env_max_total_bytes: PositiveInt = DEFAULT_MAX_TOTAL_BYTES
+    """Keys and values of one environment together (NATS messages and Kubernetes Secrets hold 1 MiB)."""
+
+    def __post_init__(self) -> None:
+        # An unusable key stops the start with the variable named (exit 2), before NATS is involved.
+        load_env_cipher(self.env_encryption_key, self.env_encryption_key_file)
