@@ -66,7 +66,11 @@ def test_service_waits_for_nats_then_serves_and_stops_cleanly(service: str, tmp_
 
 async def test_all_six_services_share_one_server(nats_url: str, tmp_path: Path) -> None:
     procs = [
-        ServiceProcess(f"fabrik_{s}", {"FABRIK_NATS_URL": nats_url}, log_path=tmp_path / f"{s}.log")
+        ServiceProcess(
+            f"fabrik_{s}",
+            {"FABRIK_NATS_URL": nats_url, "FABRIK_DATA_DIR": str(tmp_path / "data")},
+            log_path=tmp_path / f"{s}.log",
+        )
         for s in SERVICES
     ]
     try:

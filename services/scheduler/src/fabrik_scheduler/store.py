@@ -66,9 +66,17 @@ class RunStore:
         raise RuntimeError(f"run {record.run_id}: too many concurrent writes")
 
     async def load_all(self) -> dict[str, RunRecord]:
-        """Every run record, through one ordered watch rather than a get per key."""
+        """Every run record, through one ordered watch rather than a get per key.
+
+        The watcher's own "initial values done" marker can come before values already on their
+        way, so it is not trusted: an empty bucket is recognised from its stream, and otherwise
+        values are read until one says nothing is pending after it (delete markers included).
+        """
         records: dict[str, RunRecord] = {}
-        watcher = await self.runs.watchall(ignore_deletes=True)
+        status = await self.runs.status()
+        if not status.values:
+            return records
+        watcher = await self.runs.watchall(ignore_deletes=False)
         try:
             while True:
                 try:
@@ -76,11 +84,15 @@ class RunStore:
                 except nats.errors.TimeoutError:
                     raise RuntimeError("loading run records timed out") from None
                 if entry is None:
-                    break
-                if entry.value:
+                    continue
+                if entry.value and entry.operation is None:
                     record = _decode_record(entry.value)
                     record.revision = entry.revision or 0
                     records[record.run_id] = record
+                else:
+                    records.pop(entry.key, None)
+                if entry.delta == 0:
+                    break
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return records

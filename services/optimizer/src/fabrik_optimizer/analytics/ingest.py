@@ -1,0 +1,165 @@
+"""Applying decoded events to the analytics store: plain functions, no NATS.
+
+Every function is idempotent: a run row is read, the event is folded into it, and the whole row is
+upserted (keyed by run_id); an LLM call is upserted by call_id. Folding the same event twice gives
+the same row. Order tolerance within a run: events of an older attempt never overwrite a newer
+attempt's fields, the state follows the highest `revision` of `RunStateChanged`, timestamps within
+an attempt keep their first value, and the peak memory only grows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fabrik_common.events import (
+    TERMINAL_STATES,
+    LlmUsage,
+    RunDispatched,
+    RunEvent,
+    RunFinished,
+    RunParameters,
+    RunQueued,
+    RunRequested,
+    RunStarted,
+    RunStateChanged,
+)
+from fabrik_optimizer.analytics.store import RUN_COLUMNS, AnalyticsStore, iso, parse_iso, usd_to_nanos
+
+# The run events the store folds; every other RunEvent is accepted and ignored.
+RUN_SUBJECTS: tuple[str, ...] = (
+    "fabrik.runs.requested.*",
+    "fabrik.runs.queued.*",
+    "fabrik.runs.dispatched.*",
+    "fabrik.runs.state_changed.*",
+    "fabrik.runs.started.*",
+    "fabrik.runs.finished.*",
+)
+
+
+def _empty_run(run_id: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(RUN_COLUMNS)
+    row["run_id"] = run_id
+    row["attempts"] = 0
+    return row
+
+
+def _set_first(row: dict[str, Any], column: str, value: str) -> None:
+    if row[column] is None:
+        row[column] = value
+
+
+def _params(row: dict[str, Any], params: RunParameters) -> None:
+    spec_id = params.spec.get("id") if params.spec else None
+    if isinstance(spec_id, str):
+        row["spec_id"] = spec_id
+    row["template"] = params.template
+    row["cpu_request"] = params.resources.cpu_request
+    row["memory_request"] = params.resources.memory_request
+    row["priority"] = params.priority
+
+
+def _attempt(row: dict[str, Any], attempt: int) -> bool:
+    """Move the row to `attempt` if it is newer (clearing the attempt's timestamps); False if older."""
+    current = int(row["attempts"] or 0)
+    if attempt < current:
+        return False
+    if attempt > current:
+        if current > 0:
+            row["queued_at"] = row["started_at"] = row["finished_at"] = None
+            row["peak_memory_bytes"] = None
+        row["attempts"] = attempt
+    return True
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return max(0.0, (parse_iso(end) - parse_iso(start)).total_seconds())
+
+
+def _derive(row: dict[str, Any]) -> None:
+    row["queue_seconds"] = _seconds(row["queued_at"], row["started_at"])
+    row["run_seconds"] = _seconds(row["started_at"], row["finished_at"])
+
+
+def fold_run_event(row: dict[str, Any], event: RunEvent) -> bool:
+    """Fold one event into a run row in place; False when the event carries nothing for the store."""
+    at = iso(event.occurred_at)
+    if isinstance(event, RunRequested):
+        row["project"], row["env"] = event.project, event.env
+        _params(row, event.params)
+        row["created_at"] = at
+    elif isinstance(event, RunQueued):
+        row["project"] = event.project
+        if _attempt(row, event.attempt):
+            _set_first(row, "queued_at", at)
+    elif isinstance(event, RunDispatched):
+        row["project"], row["env"] = event.project, event.env
+        if _attempt(row, event.attempt):
+            _params(row, event.params)
+            if event.experiment_arm is not None:
+                row["experiment_arm"] = event.experiment_arm
+    elif isinstance(event, RunStateChanged):
+        row["project"] = event.project
+        if _attempt(row, event.attempt):
+            if event.to_state == "queued":
+                _set_first(row, "queued_at", at)
+            elif event.to_state == "running":
+                _set_first(row, "started_at", at)
+            elif event.to_state in TERMINAL_STATES:
+                _set_first(row, "finished_at", at)
+            revision = row["state_revision"]
+            if revision is None or event.revision >= int(revision):
+                row["state"], row["state_revision"] = event.to_state, event.revision
+                row["reason"] = event.reason
+    elif isinstance(event, RunStarted):
+        if _attempt(row, event.attempt):
+            _set_first(row, "started_at", at)
+    elif isinstance(event, RunFinished):
+        if _attempt(row, event.attempt):
+            _set_first(row, "finished_at", at)
+            if event.peak_memory_bytes is not None:
+                peak = row["peak_memory_bytes"]
+                row["peak_memory_bytes"] = max(int(peak or 0), event.peak_memory_bytes)
+            # The scheduler's state change is authoritative; the executor's outcome fills the gap.
+            if row["state"] not in TERMINAL_STATES:
+                row["state"] = event.outcome
+                row["reason"] = event.reason
+    else:
+        return False
+    _derive(row)
+    return True
+
+
+def apply_run_event(store: AnalyticsStore, event: RunEvent) -> bool:
+    """Fold a run event into its row in the store; True when the store was written."""
+    row = store.get_run(event.run_id) or _empty_run(event.run_id)
+    if not fold_run_event(row, event):
+        return False
+    store.put_run(row)
+    return True
+
+
+def llm_call_row(event: LlmUsage) -> dict[str, Any]:
+    at = iso(event.occurred_at)
+    return {
+        "call_id": event.call_id,
+        "run_id": event.run_id,
+        "project": event.project,
+        "model": event.model,
+        "provider": event.provider,
+        "input_tokens": event.input_tokens,
+        "output_tokens": event.output_tokens,
+        "cache_read_tokens": event.cache_read_tokens,
+        "cache_write_tokens": event.cache_write_tokens,
+        "cost_nanos": usd_to_nanos(event.cost_usd),
+        "latency_ms": event.latency_ms,
+        "outcome": event.outcome,
+        "occurred_at": at,
+        "occurred_day": at[:10],
+    }
+
+
+def apply_llm_usage(store: AnalyticsStore, event: LlmUsage) -> None:
+    """Record one LLM call (upsert by call_id: a redelivered usage event is stored once)."""
+    store.put_llm_call(llm_call_row(event))
