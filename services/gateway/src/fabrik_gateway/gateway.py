@@ -173,33 +173,51 @@ class Gateway:
     # ---------------------------------------------------------------- feeds (background tasks)
 
     async def watch_runs(self) -> None:
-        """Every run record: the initial content (then the model is ready), then each change."""
+        """Every run record: the initial content (then the model is ready), then each change.
+
+        The watcher's "initial values done" marker can come before values already on their way,
+        so the initial content ends with the value that says nothing is pending after it; the
+        marker is trusted only for a bucket that was empty.
+        """
         kv = await self.bus.js.key_value(RUNS_BUCKET)
+        bucket_was_empty = (await kv.status()).values == 0
         watcher = await kv.watchall()
         initial: dict[str, RunRecord] | None = {}
+
+        def finish_initial() -> None:
+            nonlocal initial
+            if initial is not None:
+                self.readmodel.load(initial.values())
+                log.info("read model loaded", extra={"runs": len(initial)})
+                initial = None
+
         try:
             async for entry in watcher:
-                if entry is None:  # the initial values are all delivered
-                    if initial is not None:
-                        self.readmodel.load(initial.values())
-                        log.info("read model loaded", extra={"runs": len(initial)})
-                        initial = None
+                if entry is None:
+                    if bucket_was_empty:
+                        finish_initial()
+                    elif initial is not None and not initial:
+                        # Emptied between the status and the watch: do not wait for values forever.
+                        asyncio.get_running_loop().call_later(5.0, finish_initial)
                     continue
                 if entry.operation in _DELETES:
                     if initial is not None:
                         initial.pop(entry.key, None)
                     else:
                         self.readmodel.remove(entry.key)
-                    continue
-                try:
-                    record = _records.decode(entry.value or b"")
-                except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-                    self._undecodable(RUNS_BUCKET, entry.key, exc)
-                    continue
-                if initial is not None:
-                    initial[entry.key] = record
                 else:
-                    self.readmodel.upsert(record)
+                    try:
+                        record = _records.decode(entry.value or b"")
+                    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                        self._undecodable(RUNS_BUCKET, entry.key, exc)
+                        record = None
+                    if record is not None:
+                        if initial is not None:
+                            initial[entry.key] = record
+                        else:
+                            self.readmodel.upsert(record)
+                if initial is not None and entry.delta == 0:
+                    finish_initial()
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
