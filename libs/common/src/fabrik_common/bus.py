@@ -399,15 +399,7 @@ class ConsumerGroup(Generic[StateT]):
         counters = _ConsumerMetrics(self.bus.metrics, sub.name)
         try:
             while not self._stopping.is_set():
-                try:
-                    msgs = await psub.fetch(sub.batch, timeout=self.fetch_timeout)
-                except _TRANSIENT_FETCH:
-                    continue
-                except nats.errors.ConnectionClosedError:
-                    if self._stopping.is_set():
-                        break
-                    await asyncio.sleep(0.5)
-                    continue
+                msgs = await self._fetch(psub, sub.batch)
                 heartbeat.batch = msgs
                 for index, msg in enumerate(msgs):
                     if self._stopping.is_set():
@@ -446,15 +438,7 @@ class ConsumerGroup(Generic[StateT]):
                 if free <= 0:
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                try:
-                    msgs = await psub.fetch(min(free, sub.batch), timeout=self.fetch_timeout)
-                except _TRANSIENT_FETCH:
-                    continue
-                except nats.errors.ConnectionClosedError:
-                    if self._stopping.is_set():
-                        break
-                    await asyncio.sleep(0.5)
-                    continue
+                msgs = await self._fetch(psub, min(free, sub.batch))
                 for index, msg in enumerate(msgs):
                     if self._stopping.is_set():
                         await self._return_unstarted(msgs[index:])
@@ -469,6 +453,18 @@ class ConsumerGroup(Generic[StateT]):
                 task.cancel()
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
                 await psub.unsubscribe()
+
+    async def _fetch(self, psub: JetStreamContext.PullSubscription, count: int) -> list[Msg]:
+        """Up to `count` messages; none when nothing came, the server hiccuped or the
+        connection is closed (then after a pause, unless stopping)."""
+        try:
+            return await psub.fetch(count, timeout=self.fetch_timeout)
+        except _TRANSIENT_FETCH:
+            return []
+        except nats.errors.ConnectionClosedError:
+            if not self._stopping.is_set():
+                await asyncio.sleep(0.5)
+            return []
 
     async def _return_unstarted(self, msgs: Sequence[Msg]) -> None:
         for msg in msgs:
