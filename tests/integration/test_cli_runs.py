@@ -348,7 +348,9 @@ def test_follow_streams_the_log_until_the_end(platform: Cli) -> None:
 @pytest.mark.timeout(240)
 def test_cancel_then_resume_continues_and_succeeds(platform: Cli) -> None:
     cli = platform
-    result = cli(*_hello_args(steps=12, step_seconds=0.5))
+    result = cli(
+        *_hello_args(steps=40, step_seconds=0.3)
+    )  # long enough that the cancel lands mid-way under load
     assert result.returncode == 0, result.stderr
     run_id = result.stdout.strip()
     cli.wait_for_state(run_id, {"running"})
