@@ -79,9 +79,13 @@ def _start(procs: list[ServiceProcess]) -> None:
         proc.wait_ready(60)
 
 
+# As `fabrik up` runs it; the CLI's credentials are tested in test_cli_auth.py.
+ANONYMOUS_ADMIN = {"FABRIK_ANONYMOUS_ROLE": "admin"}
+
+
 @pytest.fixture
 def gateway_only(nats_url: str, tmp_path: Path) -> Iterator[Cli]:
-    gateway = _service("fabrik_gateway", {"FABRIK_NATS_URL": nats_url}, tmp_path)
+    gateway = _service("fabrik_gateway", {"FABRIK_NATS_URL": nats_url, **ANONYMOUS_ADMIN}, tmp_path)
     try:
         _start([gateway])
         yield Cli(gateway.base_url, tmp_path / "cli-home")
@@ -94,7 +98,7 @@ def platform(nats_url: str, tmp_path: Path) -> Iterator[Cli]:
     """Gateway, scheduler and executor (local backend): enough for runs end to end."""
     common = {"FABRIK_NATS_URL": nats_url}
     procs = [
-        _service("fabrik_gateway", common, tmp_path),
+        _service("fabrik_gateway", {**common, **ANONYMOUS_ADMIN}, tmp_path),
         _service("fabrik_scheduler", common, tmp_path),
         _service("fabrik_executor", {**common, "FABRIK_DATA_DIR": str(tmp_path / "data")}, tmp_path),
     ]

@@ -128,6 +128,8 @@ def gateway_settings(nats_url: str, **overrides: Any) -> GatewaySettings:
         "log_format": "text",
         "logs_follow_grace_seconds": 0.2,
         "logs_heartbeat_seconds": 0.5,
+        # These tests are about the API itself; authentication has its own (test_gateway_auth.py).
+        "anonymous_role": "admin",
         **overrides,
     }
     return GatewaySettings(**values)

@@ -87,6 +87,10 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec("schedules", "Cron schedules and their last fired slots", history=5),
     BucketSpec("config", "Run defaults and active experiments; written only by the optimizer", history=10),
     BucketSpec("tokens", "Hashed API tokens"),
+    BucketSpec(
+        "integrations",
+        "Where runs started from GitHub or Slack report back (check run, comment, thread); by run id",
+    ),
     BucketSpec("limits", "Shared counters for rate limits and budgets"),
     BucketSpec("leases", "Leader-election leases of services that need one decider"),
     BucketSpec("queue", "The scheduler's queue snapshot in dispatch order; written only by the scheduler"),

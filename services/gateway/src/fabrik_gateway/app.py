@@ -11,13 +11,16 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
-from litestar.openapi.spec import Schema
+from litestar.openapi.spec import Components, Schema, SecurityScheme
 
 from fabrik_common import specs
 from fabrik_common.service import Service, run_service
 from fabrik_gateway import envs, models
 from fabrik_gateway.api import EnvsController, RunsController, SystemController
+from fabrik_gateway.api.access import AccessController
+from fabrik_gateway.audit import AuditTrail, audit_middleware
 from fabrik_gateway.auth import Principal, current_principal
+from fabrik_gateway.edge import cors_config, guarded_responses, security_headers_middleware
 from fabrik_gateway.gateway import Gateway
 from fabrik_gateway.handlers import router
 from fabrik_gateway.metrics import UNMATCHED, metrics_middleware
@@ -43,19 +46,35 @@ def openapi_config() -> OpenAPIConfig:
         # unknown documentation pages (an HTML 404) stays out of /api/v1/*.
         path=OPENAPI_PATH,
         render_plugins=[JsonRenderPlugin(path="/")],
+        components=Components(
+            security_schemes={
+                "bearer": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description="An API token (`fbk_...`, from `POST /api/v1/tokens`) or a JWT",
+                )
+            }
+        ),
+        security=[{"bearer": []}],
     )
 
 
 def build(settings: GatewaySettings) -> Service[Gateway]:
     gateway = Gateway(settings)
-    if settings.anonymous_role in ("maintainer", "admin"):
+    if settings.anonymous_role != "none":
         log.warning(
             "ANONYMOUS ACCESS HAS THE %s ROLE (FABRIK_ANONYMOUS_ROLE=%s): anyone who reaches this gateway "
-            "may change every environment, protected ones included. Fine for a local stack on 127.0.0.1; "
-            "never expose such a gateway.",
+            "may %s without credentials. Fine for a local stack on 127.0.0.1; never expose such a gateway.",
             settings.anonymous_role.upper(),
             settings.anonymous_role,
+            {
+                "viewer": "read every run, log and environment",
+                "developer": "submit and cancel runs and change non-protected environments",
+                "maintainer": "change every environment, protected ones included",
+                "admin": "do anything, including creating API tokens",
+            }[settings.anonymous_role],
         )
+    audit = AuditTrail()
 
     def count_unmatched(request: Request[Any, Any, Any], status: int) -> None:
         if gateway.metrics is not None:
@@ -70,7 +89,7 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
         routers=[router],
         on_start=gateway.on_start,
         on_stop=gateway.on_stop,
-        route_handlers=[RunsController, SystemController, EnvsController],
+        route_handlers=[RunsController, SystemController, EnvsController, AccessController],
         http_app_kwargs={
             "dependencies": {
                 "gateway": Provide(provide_gateway, sync_to_thread=False),
@@ -79,14 +98,21 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
             "exception_handlers": make_exception_handlers(on_unmatched=count_unmatched),
             "state": State({"gateway": gateway}),
             "openapi_config": openapi_config(),
-            "middleware": [metrics_middleware(lambda: gateway.metrics)],
+            "middleware": [
+                security_headers_middleware(settings),
+                metrics_middleware(lambda: gateway.metrics),
+                audit_middleware(lambda: audit),
+            ],
+            "cors_config": cors_config(settings),
             "request_max_body_size": settings.max_body_bytes,
             "signature_namespace": {"Gateway": Gateway, "Principal": Principal},
         },
-        background=[Gateway.watch_runs, Gateway.watch_queue],
+        background=[Gateway.watch_runs, Gateway.watch_queue, Gateway.watch_tokens],
     )
     gateway.attach(service)
+    audit.publish = service.bus.publish
     close_strict_schemas(service.http_app)
+    guarded_responses(service.http_app)
     return service
 
 

@@ -409,7 +409,7 @@ class EnvService:
     ) -> None:
         """The role check of a write or reveal; a refusal is audited (result `denied`)."""
         try:
-            require_role(principal, minimum, why)
+            require_role(principal, minimum, why, project)
         except ProblemError:
             await self._audit(principal, action, project, env, "denied", needed=minimum, **details)
             raise
@@ -417,7 +417,7 @@ class EnvService:
     # -- reads ----------------------------------------------------------------------------------
 
     async def list(self, project: str, principal: Principal) -> EnvList:
-        require_role(principal, "viewer", "list environments")
+        require_role(principal, "viewer", "list environments", project)
         try:
             found = await list_envs(self.kv, project)
         except (nats.errors.Error, TimeoutError) as exc:
@@ -438,7 +438,7 @@ class EnvService:
         )
 
     async def get(self, project: str, env: str, principal: Principal, *, reveal: bool) -> EnvView:
-        require_role(principal, "viewer", "read environments")
+        require_role(principal, "viewer", "read environments", project)
         if reveal:
             needed: Role = "maintainer" if is_protected(env) else "developer"
             await self._require(
@@ -466,7 +466,7 @@ class EnvService:
         )
 
     async def diff(self, project: str, source: str, target: str, principal: Principal) -> EnvDiffView:
-        require_role(principal, "viewer", "compare environments")
+        require_role(principal, "viewer", "compare environments", project)
         self.require_cipher()
         diff, source_env, target_env = await self._diff(project, source, target)
         return self._diff_view(project, source, target, diff, source_env, target_env)
@@ -760,7 +760,7 @@ class EnvService:
     ) -> PromoteResult:
         source, target = request.from_env, request.to_env
         mode: Literal["merge", "replace"] = "merge" if request.merge else "replace"
-        require_role(principal, "viewer", "compare environments")
+        require_role(principal, "viewer", "compare environments", project)
         cipher = self.require_cipher()
         diff, source_env, target_env = await self._diff(project, source, target)
         if request.merge:

@@ -20,7 +20,10 @@ from fabrik_common.events import TERMINAL_STATES, Event, RunCancelRequested, Run
 from fabrik_common.ids import is_ulid, new_ulid
 from fabrik_common.runs import RESUMABLE_STATES, QueueSnapshot, RunRecord
 from fabrik_common.service import Service
-from fabrik_gateway.auth import Principal
+from fabrik_gateway.auth import Principal, require_role
+from fabrik_gateway.auth.guard import Authenticator, RateLimiter
+from fabrik_gateway.auth.jwt import JwtSettings
+from fabrik_gateway.auth.tokens import TokenStore
 from fabrik_gateway.envs import EnvService
 from fabrik_gateway.metrics import GatewayMetrics
 from fabrik_gateway.models import ActionAccepted, RunView
@@ -42,6 +45,7 @@ RUNS_BUCKET: Final = "runs"
 QUEUE_BUCKET: Final = "queue"
 QUEUE_KEY: Final = "snapshot"
 IDEMPOTENCY_BUCKET: Final = "idempotency"
+TOKENS_BUCKET: Final = "tokens"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 _DELETES: Final = ("DEL", "PURGE")
 FOLLOWERS_GRACE_SECONDS: Final = 2.0
@@ -104,6 +108,22 @@ class Gateway:
             max_keys=settings.env_max_keys,
             max_total_bytes=settings.env_max_total_bytes,
         )
+        self.tokens = TokenStore(settings.token_last_used_interval_seconds)
+        self.auth = Authenticator(
+            anonymous_role=settings.anonymous_role,
+            jwt=JwtSettings(
+                hs256_secret=settings.secret("jwt_hs256_secret").encode(),
+                oidc_issuer=settings.oidc_issuer,
+                oidc_jwks_url=settings.oidc_jwks_url,
+                hs256_issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+                roles_claim=settings.jwt_roles_claim,
+                leeway_seconds=settings.jwt_leeway_seconds,
+                jwks_refresh_seconds=settings.jwks_refresh_seconds,
+            ),
+            tokens=self.tokens,
+            limiter=RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst),
+        )
         self._service: Service[Gateway] | None = None
         self._idempotency: KeyValue | None = None
         self._logs: LogReader | None = None
@@ -124,6 +144,7 @@ class Gateway:
     async def on_start(self, service: Service[Gateway]) -> Gateway:
         js = service.bus.js
         self._idempotency = await js.key_value(IDEMPOTENCY_BUCKET)
+        self.tokens.attach(await js.key_value(TOKENS_BUCKET))
         self._logs = LogReader(js)
         self._events = EventReader(js)
         try:
@@ -140,6 +161,7 @@ class Gateway:
         self.stopping = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._no_followers.wait(), FOLLOWERS_GRACE_SECONDS)
+        await self.tokens.close()
 
     def follower_started(self) -> None:
         self.followers += 1
@@ -222,6 +244,11 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
+    async def watch_tokens(self) -> None:
+        """API token records (created or revoked on any replica)."""
+        self.bus  # noqa: B018 - connected
+        await self.tokens.watch()
+
     async def watch_queue(self) -> None:
         """The scheduler's queue snapshot, whenever it changes."""
         kv = await self.bus.js.key_value(QUEUE_BUCKET)
@@ -254,12 +281,13 @@ class Gateway:
                 503, "the run read model is still loading; retry shortly", headers={"Retry-After": "1"}
             )
 
-    def find(self, run_id: str) -> RunRecord:
-        """A run by id (case-insensitive), or 404. A malformed id is simply an unknown run."""
+    def find(self, run_id: str, principal: Principal) -> RunRecord:
+        """A run by id (case-insensitive), or 404. A malformed id is simply an unknown run, and so
+        is a run of a project `principal` does not see."""
         self.require_ready()
         normalized = normalize_run_id(run_id)
         record = self.readmodel.get(normalized) if normalized else None
-        if record is None:
+        if record is None or not principal.can_see(record.project):
             raise not_found(f"run {run_id}")
         return record
 
@@ -277,6 +305,7 @@ class Gateway:
         """Publish a RunRequested for a validated request. Returns the run and whether it was
         created now (False: an Idempotency-Key replay of an earlier submit, nothing published)."""
         request = valid.request
+        require_role(principal, "developer", "submit runs", request.project)
         event = RunRequested(
             run_id=new_ulid(),
             project=request.project,
@@ -326,7 +355,8 @@ class Gateway:
         return self._view(event.run_id), True
 
     async def cancel(self, run_id: str, principal: Principal, reason: str) -> ActionAccepted:
-        record = self.find(run_id)
+        record = self.find(run_id, principal)
+        require_role(principal, "developer", "cancel runs", record.project)
         if record.state in TERMINAL_STATES:
             raise ProblemError(
                 409,
@@ -341,7 +371,8 @@ class Gateway:
         )
 
     async def resume(self, run_id: str, principal: Principal) -> ActionAccepted:
-        record = self.find(run_id)
+        record = self.find(run_id, principal)
+        require_role(principal, "developer", "resume runs", record.project)
         if record.state not in RESUMABLE_STATES:
             raise ProblemError(
                 409,

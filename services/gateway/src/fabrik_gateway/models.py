@@ -257,3 +257,74 @@ class QueueView(msgspec.Struct, kw_only=True):
     items: list[QueueItem]
     usage: dict[str, dict[str, float]]
     limits: dict[str, dict[str, float]]
+
+
+# ------------------------------------------------------------------------------------ access
+
+RoleName = Literal["viewer", "developer", "maintainer", "admin"]
+
+
+class CreateTokenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100, description="What the token is for")]
+    role: RoleName
+    projects: (
+        Annotated[
+            list[DnsLabel], msgspec.Meta(min_length=1, max_length=100, description="Only these projects")
+        ]
+        | None
+    ) = None
+    """None: the role holds in every project."""
+    expires_in_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] | None = None
+    """None: the token does not expire (revoke it when it is no longer needed)."""
+
+
+class TokenView(msgspec.Struct, kw_only=True):
+    token_id: str
+    name: str
+    role: RoleName
+    projects: list[str] | None
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    revoked_by: str | None
+    last_used_at: datetime | None
+
+
+class CreatedToken(TokenView, kw_only=True):
+    token: str
+    """The secret: shown this once, stored only hashed. Send it as `Authorization: Bearer <token>`."""
+
+
+class TokenList(msgspec.Struct, kw_only=True):
+    items: list[TokenView]
+
+
+class WhoAmI(msgspec.Struct, kw_only=True):
+    subject: str
+    kind: Literal["anonymous", "jwt", "token", "integration"]
+    authenticated: bool
+    name: str
+    role: RoleName | None
+    """The role in every project (None: only the `project_roles`)."""
+    project_roles: dict[str, RoleName]
+    token_id: str | None
+
+
+class AuditItem(msgspec.Struct, kw_only=True):
+    seq: int
+    event_id: str
+    occurred_at: datetime
+    actor: str
+    role: str
+    action: str
+    target: str
+    project: str | None
+    result: Literal["ok", "denied", "failed"]
+    details: dict[str, Any]
+
+
+class AuditPage(msgspec.Struct, kw_only=True):
+    items: list[AuditItem]
+    next_cursor: str | None
+    """Pass as `after` to continue (the scan stopped there; later pages may still be empty)."""

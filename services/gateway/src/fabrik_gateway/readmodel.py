@@ -189,12 +189,24 @@ class ReadModel:
         labels: Sequence[Label] = (),
         before: str | None = None,
         limit: int = 50,
+        visible: frozenset[str] | None = None,
     ) -> tuple[list[RunRecord], str | None]:
         """A page of runs, newest first, strictly older than `before`; and the cursor of the next
-        page (the last id of this one) or None when nothing is left."""
+        page (the last id of this one) or None when nothing is left. `visible`: only runs of these
+        projects (None: of every project)."""
         state_set = frozenset(states)
         label_list = list(dict.fromkeys(labels))
-        candidates = self._candidates(project, sorted(state_set), label_list)
+        if project is not None:
+            project_set: frozenset[str] | None = (
+                frozenset((project,)) if visible is None or project in visible else frozenset()
+            )
+        else:
+            project_set = visible
+        if project_set is not None and not project_set:
+            return [], None
+        candidates = self._candidates(
+            sorted(project_set) if project_set is not None else None, sorted(state_set), label_list
+        )
         if candidates is None:
             return [], None
         sources, _ = candidates
@@ -205,7 +217,7 @@ class ReadModel:
         items: list[RunRecord] = []
         for run_id in ordered:
             record = self._runs[run_id]
-            if project is not None and record.project != project:
+            if project_set is not None and record.project not in project_set:
                 continue
             if state_set and record.state not in state_set:
                 continue
@@ -217,17 +229,17 @@ class ReadModel:
         return items, None
 
     def _candidates(
-        self, project: str | None, states: list[str], labels: list[Label]
+        self, projects: list[str] | None, states: list[str], labels: list[Label]
     ) -> tuple[list[SortedIds], int] | None:
         """The smallest set of indexes whose union contains every match (None: no match)."""
         options: list[tuple[list[SortedIds], int]] = []
-        if project is not None and states:
-            parts = [self._by_project_state.get((project, s)) for s in states]
+        if projects is not None and states:
+            parts = [self._by_project_state.get((p, s)) for p in projects for s in states]
             options.append(_union(parts))
         elif states:
             options.append(_union([self._by_state.get(s) for s in states]))
-        elif project is not None:
-            options.append(_union([self._by_project.get(project)]))
+        elif projects is not None:
+            options.append(_union([self._by_project.get(p) for p in projects]))
         for label in labels:
             options.append(_union([self._by_label.get(label)]))
         if not options:
@@ -237,10 +249,10 @@ class ReadModel:
             return None
         return best
 
-    def projects(self) -> list[ProjectSummary]:
+    def projects(self, visible: frozenset[str] | None = None) -> list[ProjectSummary]:
         summaries: dict[str, ProjectSummary] = {}
         for (project, state), ids in sorted(self._by_project_state.items()):
-            if not ids:
+            if not ids or (visible is not None and project not in visible):
                 continue
             summary = summaries.setdefault(project, ProjectSummary(project=project, total=0, states={}))
             summary.states[state] = len(ids)
@@ -310,13 +322,18 @@ class ReadModel:
             snapshot_at=snapshot.taken_at,
         )
 
-    def queue_view(self, *, project: str | None = None, limit: int | None = None) -> QueueView:
+    def queue_view(
+        self, *, project: str | None = None, limit: int | None = None, visible: frozenset[str] | None = None
+    ) -> QueueView:
+        """The queue; `visible`: only these projects' runs, usage and limits (positions stay global)."""
         snapshot = self._queue
         if snapshot is None:
             return QueueView(taken_at=None, total=0, running=0, items=[], usage={}, limits={})
         items: list[QueueItem] = []
         for index, entry in enumerate(snapshot.entries):
             if project is not None and entry.project != project:
+                continue
+            if visible is not None and entry.project not in visible:
                 continue
             if limit is not None and len(items) >= limit:
                 break
@@ -335,8 +352,12 @@ class ReadModel:
             total=snapshot.total,
             running=snapshot.running,
             items=items,
-            usage=snapshot.usage,
-            limits=snapshot.limits,
+            usage=snapshot.usage
+            if visible is None
+            else {k: v for k, v in snapshot.usage.items() if k in visible},
+            limits=snapshot.limits
+            if visible is None
+            else {k: v for k, v in snapshot.limits.items() if k in visible},
         )
 
 

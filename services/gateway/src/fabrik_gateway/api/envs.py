@@ -10,7 +10,9 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, Parameter, QueryParameter
 
 from fabrik_gateway.api.params import QueryErrors, bool_param, int_param
+from fabrik_gateway.api.runs import problem_spec
 from fabrik_gateway.auth import Principal
+from fabrik_gateway.auth.guard import api_guard
 from fabrik_gateway.envs import (
     CONFIRM_HEADER,
     EnvDeleteResult,
@@ -28,29 +30,22 @@ from fabrik_gateway.envs import (
     validate_put,
 )
 from fabrik_gateway.gateway import Gateway
-from fabrik_gateway.problems import PROBLEM_JSON, Problem, invalid
+from fabrik_gateway.problems import invalid
 
-
-def _problem(description: str) -> ResponseSpec:
-    return ResponseSpec(
-        data_container=Problem, description=description, media_type=PROBLEM_JSON, generate_examples=False
-    )
-
-
-BAD_PATH = {400: _problem("`project` or `env` is not a DNS-1123 label (or a bad query parameter)")}
+BAD_PATH = {400: problem_spec("`project` or `env` is not a DNS-1123 label (or a bad query parameter)")}
 ACCESS = {
-    401: _problem("Anonymous access is off"),
-    403: _problem("The caller's role is not enough (maintainer for protected environments)"),
+    401: problem_spec("Anonymous access is off"),
+    403: problem_spec("The caller's role is not enough (maintainer for protected environments)"),
 }
-NOT_FOUND = {404: _problem("No such environment")}
-UNAVAILABLE = {503: _problem("Not connected to NATS, or no encryption key configured")}
+NOT_FOUND = {404: problem_spec("No such environment")}
+UNAVAILABLE = {503: problem_spec("Not connected to NATS, or no encryption key configured")}
 WRITE = {
     **BAD_PATH,
     **ACCESS,
-    412: _problem("`expected_revision` does not match: the environment changed"),
-    413: _problem("Body larger than the configured maximum"),
-    422: _problem("Invalid fields, each named in `errors` (reserved keys, bad names, sizes)"),
-    428: _problem("Writing a protected environment needs `confirm: true` or the Fabrik-Confirm header"),
+    412: problem_spec("`expected_revision` does not match: the environment changed"),
+    413: problem_spec("Body larger than the configured maximum"),
+    422: problem_spec("Invalid fields, each named in `errors` (reserved keys, bad names, sizes)"),
+    428: problem_spec("Writing a protected environment needs `confirm: true` or the Fabrik-Confirm header"),
     **UNAVAILABLE,
 }
 
@@ -84,6 +79,9 @@ async def validate_promote_body(request: Request[Any, Any, Any]) -> None:
 class EnvsController(Controller):
     path = "/api/v1/projects/{project:str}/envs"
     tags = ["environments"]
+    guards = [api_guard]
+    # EnvService audits each write and refusal itself, with the env's details.
+    opt = {"self_audited": True}
 
     @get(
         "/",

@@ -24,8 +24,10 @@ from fabrik_gateway.api.params import (
     project_param,
     states_param,
 )
+from fabrik_gateway.audit import DETAILS_KEY, PROJECT_KEY, TARGET_KEY
 from fabrik_gateway.auth import Principal
-from fabrik_gateway.gateway import IDEMPOTENCY_HEADER, Gateway
+from fabrik_gateway.auth.guard import api_guard
+from fabrik_gateway.gateway import IDEMPOTENCY_HEADER, Gateway, normalize_run_id
 from fabrik_gateway.models import (
     ActionAccepted,
     CancelRequest,
@@ -47,15 +49,15 @@ class EventStream(ServerSentEvent):
         return super().to_asgi_response(*args, **kwargs)
 
 
-def _problem(description: str) -> ResponseSpec:
+def problem_spec(description: str) -> ResponseSpec:
     return ResponseSpec(
         data_container=Problem, description=description, media_type=PROBLEM_JSON, generate_examples=False
     )
 
 
-BAD_QUERY = {400: _problem("Invalid query parameters, each named in `errors`")}
-NOT_FOUND = {404: _problem("No such run")}
-UNAVAILABLE = {503: _problem("Not connected to NATS yet, or the read model is still loading")}
+BAD_QUERY = {400: problem_spec("Invalid query parameters, each named in `errors`")}
+NOT_FOUND = {404: problem_spec("No such run")}
+UNAVAILABLE = {503: problem_spec("Not connected to NATS yet, or the read model is still loading")}
 
 
 async def validate_submit_body(request: Request[Any, Any, Any]) -> None:
@@ -67,14 +69,24 @@ async def validate_submit_body(request: Request[Any, Any, Any]) -> None:
     )
 
 
+def _audit_target(request: Request[Any, Any, Any], gateway: Gateway, run_id: str) -> None:
+    normalized = normalize_run_id(run_id) or run_id
+    request.state[TARGET_KEY] = f"run:{normalized}"
+    record = gateway.readmodel.get(normalized)
+    if record is not None:
+        request.state[PROJECT_KEY] = record.project
+
+
 class RunsController(Controller):
     path = "/api/v1/runs"
     tags = ["runs"]
+    guards = [api_guard]
 
     @post(
         "/",
         status_code=201,
         summary="Submit a run",
+        opt={"audit_action": "run.submit"},
         description=(
             "Validates the run (every invalid field is named in a 422), publishes `run.requested` and "
             "answers 201 with the run in state `queued`. With an `Idempotency-Key` header, a retry with "
@@ -88,9 +100,9 @@ class RunsController(Controller):
                 description="Idempotent replay: the run created before",
                 generate_examples=False,
             ),
-            400: _problem("Malformed JSON or an invalid Idempotency-Key header"),
-            413: _problem("Body larger than the configured maximum"),
-            422: _problem("Invalid fields, each named in `errors`"),
+            400: problem_spec("Malformed JSON or an invalid Idempotency-Key header"),
+            413: problem_spec("Body larger than the configured maximum"),
+            422: problem_spec("Invalid fields, each named in `errors`"),
             **UNAVAILABLE,
         },
     )
@@ -112,7 +124,10 @@ class RunsController(Controller):
         # `data` documents the body; `validate_submit_body` has validated the raw body before
         # Litestar decoded it, so that every invalid field is named, not only the first one.
         valid, key = request.state.submit
+        request.state[PROJECT_KEY] = valid.request.project
         view, created = await gateway.submit(valid, key, principal)
+        request.state[TARGET_KEY] = f"run:{view.run_id}"
+        request.state[DETAILS_KEY] = {"created": created}
         headers = {"Location": f"{self.path}/{view.run_id}"}
         if not created:
             headers["Idempotent-Replayed"] = "true"
@@ -130,6 +145,7 @@ class RunsController(Controller):
     async def list_runs(
         self,
         gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
         project: Annotated[str | None, Parameter(description="Only this project")] = None,
         state_filter: Annotated[
             list[str] | None, QueryParameter(name="state", description="Only runs in one of these states")
@@ -164,7 +180,12 @@ class RunsController(Controller):
         gateway.require_ready()
         assert page_size is not None
         records, next_id = gateway.readmodel.query(
-            project=project_name, states=states, labels=labels, before=before, limit=page_size
+            project=project_name,
+            states=states,
+            labels=labels,
+            before=before,
+            limit=page_size,
+            visible=principal.visible_projects,
         )
         return RunPage(
             items=[gateway.readmodel.view(r) for r in records],
@@ -172,39 +193,50 @@ class RunsController(Controller):
         )
 
     @get("/{run_id:str}", summary="Show a run", responses={**NOT_FOUND, **UNAVAILABLE})
-    async def get_run(self, gateway: NamedDependency[Gateway], run_id: FromPath[str]) -> RunView:
-        return gateway.readmodel.view(gateway.find(run_id))
+    async def get_run(
+        self, gateway: NamedDependency[Gateway], principal: NamedDependency[Principal], run_id: FromPath[str]
+    ) -> RunView:
+        return gateway.readmodel.view(gateway.find(run_id, principal))
 
     @post(
         "/{run_id:str}/cancel",
         status_code=202,
         summary="Cancel a run",
+        opt={"audit_action": "run.cancel"},
         description="Idempotent while the run is not finished; 409 once it is.",
-        responses={409: _problem("The run has finished"), **NOT_FOUND, **UNAVAILABLE},
+        responses={409: problem_spec("The run has finished"), **NOT_FOUND, **UNAVAILABLE},
     )
     async def cancel(
         self,
+        request: Request[Any, Any, Any],
         gateway: NamedDependency[Gateway],
         principal: NamedDependency[Principal],
         run_id: FromPath[str],
         data: JSONBody[CancelRequest | None] = None,
     ) -> ActionAccepted:
+        _audit_target(request, gateway, run_id)
         return await gateway.cancel(run_id, principal, data.reason if data is not None else "")
 
     @post(
         "/{run_id:str}/resume",
         status_code=202,
         summary="Resume a run",
+        opt={"audit_action": "run.resume"},
         description="Only a failed, timed-out or cancelled run can be resumed (409 otherwise).",
         responses={
-            409: _problem("The run is not failed, timed_out or cancelled"),
+            409: problem_spec("The run is not failed, timed_out or cancelled"),
             **NOT_FOUND,
             **UNAVAILABLE,
         },
     )
     async def resume(
-        self, gateway: NamedDependency[Gateway], principal: NamedDependency[Principal], run_id: FromPath[str]
+        self,
+        request: Request[Any, Any, Any],
+        gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
+        run_id: FromPath[str],
     ) -> ActionAccepted:
+        _audit_target(request, gateway, run_id)
         return await gateway.resume(run_id, principal)
 
     @get(
@@ -222,6 +254,7 @@ class RunsController(Controller):
     async def logs(
         self,
         gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
         run_id: FromPath[str],
         tail: Annotated[
             str | None,
@@ -250,7 +283,7 @@ class RunsController(Controller):
         if following and last_event_id and resume_after is None:
             errors.add("Last-Event-ID", "must be an event id this stream sent (`<seq>-<index>`)")
         errors.raise_if_any()
-        record = gateway.find(run_id)
+        record = gateway.find(run_id, principal)
         reader = gateway.logs
         if not following:
             wanted = min(lines if lines is not None else settings.logs_max_lines, settings.logs_max_lines)
@@ -304,6 +337,7 @@ class RunsController(Controller):
     async def events(
         self,
         gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
         run_id: FromPath[str],
         after: Annotated[
             str | None, Parameter(description="`next_cursor` of the previous page (a stream sequence)")
@@ -328,7 +362,7 @@ class RunsController(Controller):
             maximum=settings.events_max_limit,
         )
         errors.raise_if_any()
-        record = gateway.find(run_id)
+        record = gateway.find(run_id, principal)
         assert after_seq is not None and page_size is not None
         items, next_cursor = await gateway.events.events(record.run_id, after=after_seq, limit=page_size)
         return RunEvents(run_id=record.run_id, items=items, next_cursor=next_cursor)

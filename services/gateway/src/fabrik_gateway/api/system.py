@@ -10,6 +10,8 @@ from litestar.params import Parameter
 
 from fabrik_gateway.api.params import QueryErrors, int_param, project_param
 from fabrik_gateway.api.runs import BAD_QUERY, UNAVAILABLE
+from fabrik_gateway.auth import Principal
+from fabrik_gateway.auth.guard import api_guard
 from fabrik_gateway.gateway import Gateway
 from fabrik_gateway.models import ProjectList, QueueView
 
@@ -17,13 +19,16 @@ from fabrik_gateway.models import ProjectList, QueueView
 class SystemController(Controller):
     path = "/api/v1"
     tags = ["projects and queue"]
+    guards = [api_guard]
 
     @get(
         "/projects", summary="Projects", description="Every project with runs, and its run counts per state."
     )
-    async def projects(self, gateway: NamedDependency[Gateway]) -> ProjectList:
+    async def projects(
+        self, gateway: NamedDependency[Gateway], principal: NamedDependency[Principal]
+    ) -> ProjectList:
         gateway.require_ready()
-        return ProjectList(items=gateway.readmodel.projects())
+        return ProjectList(items=gateway.readmodel.projects(principal.visible_projects))
 
     @get(
         "/queue",
@@ -37,6 +42,7 @@ class SystemController(Controller):
     async def queue(
         self,
         gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
         project: Annotated[
             str | None, Parameter(description="Only this project's runs (positions stay global)")
         ] = None,
@@ -60,4 +66,6 @@ class SystemController(Controller):
             maximum=settings.queue_max_limit,
         )
         errors.raise_if_any()
-        return gateway.readmodel.queue_view(project=project_name, limit=size)
+        return gateway.readmodel.queue_view(
+            project=project_name, limit=size, visible=principal.visible_projects
+        )
