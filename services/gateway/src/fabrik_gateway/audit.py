@@ -183,7 +183,8 @@ class AuditReader:
         scanned = 0
         try:
             info = await sub.consumer_info()
-            if info.num_pending == 0:
+            # Pushed messages leave num_pending: nothing to read only if nothing was pushed either.
+            if info.num_pending == 0 and info.delivered.consumer_seq == 0:
                 return [], None
             while len(items) < limit and scanned < max_scan:
                 try:
