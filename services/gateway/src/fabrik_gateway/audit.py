@@ -184,7 +184,7 @@ class AuditReader:
         try:
             info = await sub.consumer_info()
             # Pushed messages leave num_pending: nothing to read only if nothing was pushed either.
-            if info.num_pending == 0 and info.delivered.consumer_seq == 0:
+            if info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0):
                 return [], None
             while len(items) < limit and scanned < max_scan:
                 try:

@@ -296,7 +296,7 @@ class EventReader:
             self.js, self.stream, events_subject(run_id), after + 1 if after else None
         ) as sub:
             info = await sub.consumer_info()
-            if info.num_pending == 0 and info.delivered.consumer_seq == 0:
+            if info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0):
                 return [], None
             while len(items) < limit:
                 try:
