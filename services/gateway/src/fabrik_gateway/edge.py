@@ -97,8 +97,16 @@ REFUSALS: Final = {
 }
 
 
+BODY_REFUSALS: Final = {
+    "400": "The body is not valid JSON",
+    "413": "The body is larger than the configured maximum",
+    "422": "Invalid fields in the body, each named in `errors`",
+}
+
+
 def guarded_responses(app: Litestar) -> None:
-    """Document the guard's 401/403/429 on every operation of the API (in the cached document)."""
+    """Document the guard's 401/403/429 on every operation of the API, and the refusals of a body
+    on every operation that takes one (in the cached document)."""
     document = app.openapi_schema
     schemas = document.components.schemas if document.components else None
     if schemas is None or "Problem" not in schemas:
@@ -110,6 +118,17 @@ def guarded_responses(app: Litestar) -> None:
             if not isinstance(operation, Operation):
                 continue
             responses = operation.responses if operation.responses is not None else {}
-            for status, description in REFUSALS.items():
+            refusals = dict(REFUSALS)
+            if operation.request_body is not None:
+                refusals.update(BODY_REFUSALS)
+            for status, description in refusals.items():
                 responses.setdefault(status, _problem_response(description))
+            for status, response in responses.items():
+                # Litestar documents its own 400 as application/json; every error is a problem.
+                if (
+                    status[0] in "45"
+                    and isinstance(response, OpenAPIResponse)
+                    and PROBLEM_JSON not in (response.content or {})
+                ):
+                    response.content = _problem_response("").content
             operation.responses = responses
