@@ -950,6 +950,15 @@ class LocalStack:
             f"  logs               {self.paths.log_dir}/<component>.log",
             f"  state file         {self.paths.state_file}",
             "",
+        ]
+        anonymous_role = gateway.env(self.nats.url).get("FABRIK_ANONYMOUS_ROLE", "none")
+        if anonymous_role != "none":
+            lines += [
+                f"  WARNING: anonymous access has the {anonymous_role} role (FABRIK_ANONYMOUS_ROLE): anyone",
+                f"  who reaches {gateway.url} needs no credentials. Fine on 127.0.0.1; never expose it.",
+                "",
+            ]
+        lines += [
             "Services that die are restarted. Press Ctrl-C to stop everything "
             "(or run `fabrik down` elsewhere).",
         ]
