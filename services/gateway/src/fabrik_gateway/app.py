@@ -18,6 +18,7 @@ from fabrik_common.service import Service, run_service
 from fabrik_gateway import envs, models
 from fabrik_gateway.api import EnvsController, RunsController, SystemController
 from fabrik_gateway.api.access import AccessController
+from fabrik_gateway.api.webhooks_slack import slack_webhook
 from fabrik_gateway.audit import AuditTrail, audit_middleware
 from fabrik_gateway.auth import Principal, current_principal
 from fabrik_gateway.edge import cors_config, guarded_responses, security_headers_middleware
@@ -26,6 +27,9 @@ from fabrik_gateway.handlers import router
 from fabrik_gateway.metrics import UNMATCHED, metrics_middleware
 from fabrik_gateway.problems import make_exception_handlers
 from fabrik_gateway.settings import GatewaySettings
+from fabrik_gateway.slack.handlers import router as slack_router
+from fabrik_gateway.slack.integration import install as install_slack
+from fabrik_gateway.slack.integration import run_slack
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +90,10 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
     service: Service[Gateway] = Service(
         NAME,
         settings,
-        routers=[router],
+        routers=[router, slack_router],
         on_start=gateway.on_start,
         on_stop=gateway.on_stop,
-        route_handlers=[RunsController, SystemController, EnvsController, AccessController],
+        route_handlers=[RunsController, SystemController, EnvsController, AccessController, slack_webhook],
         http_app_kwargs={
             "dependencies": {
                 "gateway": Provide(provide_gateway, sync_to_thread=False),
@@ -107,9 +111,10 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
             "request_max_body_size": settings.max_body_bytes,
             "signature_namespace": {"Gateway": Gateway, "Principal": Principal},
         },
-        background=[Gateway.watch_runs, Gateway.watch_queue, Gateway.watch_tokens],
+        background=[Gateway.watch_runs, Gateway.watch_queue, Gateway.watch_tokens, run_slack],
     )
     gateway.attach(service)
+    install_slack(gateway, service.registry)
     audit.publish = service.bus.publish
     close_strict_schemas(service.http_app)
     guarded_responses(service.http_app)

@@ -15,6 +15,7 @@ from fabrik_common.envs import (
 )
 from fabrik_common.settings import CommonSettings, Port, PositiveFloat, PositiveInt
 from fabrik_gateway.auth import AnonymousRole
+from fabrik_gateway.slack.config import check_slack_settings
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
@@ -134,6 +135,7 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         # An unusable key stops the start with the variable named (exit 2), before NATS is involved.
         load_env_cipher(self.env_encryption_key, self.env_encryption_key_file)
+        check_slack_settings(self)
         for name in SECRETS:
             self.secret(name)
         hs256 = self.secret("jwt_hs256_secret")
