@@ -8,12 +8,14 @@ Where the API is (first match wins):
    data directory as for `fabrik up`: `$FABRIK_HOME`, `$XDG_DATA_HOME/fabrik`, ...),
 4. `http://127.0.0.1:8080`.
 
-A URL may be given with or without the `/api/v1` suffix. `$FABRIK_TOKEN`, when set, is sent as a
-bearer token. Reads, and submits (which always carry an `Idempotency-Key`), are retried a few
-times while the gateway answers 502/503/504; cancel and resume are sent once.
+A URL may be given with or without the `/api/v1` suffix. The bearer credential is `$FABRIK_TOKEN`,
+else the one `fabrik login` stored for that URL (`fabrik_cli.credentials`), else none. Reads,
+and submits (which always carry an `Idempotency-Key`), are retried a few times while the gateway
+answers 502/503/504; cancel and resume are sent once.
 
 Error answers (RFC 9457 `application/problem+json`) become `ApiError`s that print the problem
-readably, one `field: rule` line per invalid field; a connection failure becomes
+readably, one `field: rule` line per invalid field (a 401 or 403 also says which credential was
+sent and how to log in); a connection failure becomes
 `ApiUnreachableError`, whose message says how to start the local stack or point elsewhere.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +36,7 @@ from urllib.parse import quote
 
 import httpx
 
+from fabrik_cli.credentials import ENV_TOKEN, Credential, CredentialStore, resolve_credential
 from fabrik_cli.errors import EXIT_FAILURE, EXIT_USAGE, CliError, field_lines
 from fabrik_cli.local import StackError, StackPaths, default_data_dir, read_state
 from fabrik_cli.sse import ServerSentEvent, SseParser
@@ -40,7 +44,6 @@ from fabrik_cli.sse import ServerSentEvent, SseParser
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 API_PREFIX = "/api/v1"
 ENV_API_URL = "FABRIK_API_URL"
-ENV_TOKEN = "FABRIK_TOKEN"  # noqa: S105 - the variable name, not a secret
 DEFAULT_TIMEOUT = 15.0
 RETRIES = 3
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -125,8 +128,12 @@ class ApiError(CliError):
         problem: Mapping[str, Any] | None = None,
         body: str = "",
         reason: str = "",
+        credential: Credential | None = None,
+        target: ApiTarget | None = None,
     ) -> None:
         self.status = status
+        self.credential = credential
+        self.target = target
         self.method = method
         self.url = url
         self.problem = dict(problem) if problem is not None else None
@@ -161,10 +168,46 @@ class ApiError(CliError):
     def _details(self) -> list[str]:
         lines = field_lines(self.errors)
         if self.status == 401:
-            lines.append(f"the API wants a token: set ${ENV_TOKEN}")
+            lines.extend(self._unauthorized_hint())
         elif self.status == 403:
-            lines.append(f"the token in ${ENV_TOKEN} is not allowed to do this")
+            lines.extend(self._forbidden_hint())
         return lines
+
+    def _login_command(self) -> str:
+        if self.target is not None and self.target.source == "--api":
+            return f"`fabrik login --api {self.target.url}`"
+        return "`fabrik login`"
+
+    def _unauthorized_hint(self) -> list[str]:
+        login = self._login_command()
+        credential = self.credential
+        if credential is None:
+            where = f"the API at {self.target.url}" if self.target is not None else "the API"
+            return [
+                f"{where} wants a credential: log in with {login}, or set ${ENV_TOKEN} to an API "
+                "token or a JWT"
+            ]
+        if credential.source == "env":
+            return [
+                f"the token in ${ENV_TOKEN} was refused: set a valid one, or unset it to use the "
+                f"credential {login} stores"
+            ]
+        if credential.source == "file":
+            return [
+                f"the credential stored by `fabrik login` ({credential.path}) was refused: log in again "
+                f"with {login}, or set ${ENV_TOKEN}"
+            ]
+        return ["the token given was refused"]
+
+    def _forbidden_hint(self) -> list[str]:
+        if self.credential is None:
+            return [
+                f"anonymous callers may not do this: log in with {self._login_command()}, or set ${ENV_TOKEN}"
+            ]
+        return [
+            f"the credential ({self.credential.describe()}) is not allowed to do this; "
+            "`fabrik whoami` shows its roles"
+        ]
 
 
 def _field_errors(problem: Mapping[str, Any] | None) -> list[tuple[str, str]]:
@@ -227,23 +270,38 @@ class ApiClient:
         target: ApiTarget,
         *,
         token: str | None = None,
+        credential: Credential | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """`credential` is the bearer credential with its origin (for the hints of a 401/403);
+        a bare `token` counts as given on the command line."""
         self.target = target
         self._sleep = sleep
+        if credential is None and token:
+            credential = Credential(token, "option")
+        self.credential = credential
         headers = {"User-Agent": _user_agent(), "Accept": "application/json, application/problem+json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        if credential is not None:
+            headers["Authorization"] = f"Bearer {credential.token}"
         self._http = httpx.Client(
             base_url=target.api_url, headers=headers, timeout=timeout, transport=transport
         )
 
     @classmethod
     def from_env(cls, api: str | None, environ: Mapping[str, str] | None = None) -> ApiClient:
+        """The API from `--api` and the environment; the credential `$FABRIK_TOKEN`, else the one
+        stored by `fabrik login` for that API (a warning on stderr if its file is readable by
+        others)."""
         env = os.environ if environ is None else environ
-        return cls(resolve_api_target(api, env), token=env.get(ENV_TOKEN) or None)
+        target = resolve_api_target(api, env)
+        credential = resolve_credential(target.url, env)
+        if credential is not None and credential.path is not None:
+            warning = CredentialStore(credential.path).loose_permissions()
+            if warning:
+                print(f"Warning: {warning}", file=sys.stderr)
+        return cls(target, credential=credential)
 
     def close(self) -> None:
         self._http.close()
@@ -297,8 +355,11 @@ class ApiClient:
                 self._sleep(_retry_after(response))
                 continue
             if response.status_code >= 400:
-                raise _api_error(response)
+                raise self._error(response)
             return _decode(response)
+
+    def _error(self, response: httpx.Response) -> ApiError:
+        return _api_error(response, credential=self.credential, target=self.target)
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -396,7 +457,7 @@ class ApiClient:
             ) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise _api_error(response)
+                    raise self._error(response)
                 for line in response.iter_lines():
                     event = parser.feed(line)
                     if event is not None:
@@ -416,6 +477,48 @@ class ApiClient:
 
     def projects(self) -> Any:
         return self.request("GET", "/projects")
+
+    # -- access: the caller, API tokens, the audit trail -----------------------------------------
+
+    def whoami(self) -> Any:
+        return self.request("GET", "/whoami")
+
+    def create_token(self, body: Mapping[str, Any]) -> Any:
+        """Sent once: a retry could create a second token."""
+        return self.request("POST", "/tokens", json_body=dict(body))
+
+    def list_tokens(self) -> Any:
+        return self.request("GET", "/tokens")
+
+    def get_token(self, token_id: str) -> Any:
+        return self.request("GET", f"/tokens/{quote(token_id, safe='')}")
+
+    def revoke_token(self, token_id: str) -> Any:
+        """Idempotent on the gateway (revoking twice answers the revoked token), so retried."""
+        return self.request("DELETE", f"/tokens/{quote(token_id, safe='')}", retries=RETRIES)
+
+    def audit(self, params: Params, *, after: str | None = None, limit: int | None = None) -> Any:
+        query = [(k, v) for k, v in params if v is not None and v != ""]
+        if after:
+            query.append(("after", after))
+        if limit is not None:
+            query.append(("limit", limit))
+        return self.request("GET", "/audit", params=query)
+
+    def iter_audit_pages(
+        self, params: Params, *, after: str | None = None, limit: int | None = None
+    ) -> Iterator[Mapping[str, Any]]:
+        """Every page, following `next_cursor` (as `after`) until it is null."""
+        seen: set[str] = set()
+        while True:
+            page = self.audit(params, after=after, limit=limit)
+            if not isinstance(page, Mapping):
+                raise CliError(f"unexpected answer to GET {API_PREFIX}/audit: {json.dumps(page)[:200]}")
+            yield page
+            after = page.get("next_cursor")
+            if not after or after in seen:
+                return
+            seen.add(after)
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -439,7 +542,9 @@ def _decode(response: httpx.Response) -> Any:
         return response.text
 
 
-def _api_error(response: httpx.Response) -> ApiError:
+def _api_error(
+    response: httpx.Response, *, credential: Credential | None = None, target: ApiTarget | None = None
+) -> ApiError:
     problem: Mapping[str, Any] | None = None
     text = ""
     try:
@@ -456,4 +561,6 @@ def _api_error(response: httpx.Response) -> ApiError:
         problem=problem,
         body=text,
         reason=response.reason_phrase,
+        credential=credential,
+        target=target,
     )

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from fabrik_cli.commands.access import audit, login, logout, token_group, whoami
 from fabrik_cli.commands.doctor import doctor
 from fabrik_cli.commands.env import env_group
 from fabrik_cli.commands.runs import cancel, logs, projects, queue, resume, run, runs
@@ -48,5 +49,11 @@ cli.add_command(projects)
 cli.add_command(spec)
 # environments
 cli.add_command(env_group)
+# access: credentials, API tokens, the audit trail
+cli.add_command(login)
+cli.add_command(logout)
+cli.add_command(whoami)
+cli.add_command(token_group)
+cli.add_command(audit)
 # checks
 cli.add_command(doctor)

@@ -585,3 +585,136 @@ def format_log_entry(entry: Mapping[str, Any] | str, *, timestamps: bool = False
         stamp = when.astimezone().isoformat(timespec="milliseconds") if when else NONE
         body = f"{stamp} {body}"
     return body
+
+
+# --------------------------------------------------------------------------------------------
+# Access: the caller, API tokens, the audit trail
+
+
+def format_roles(role: Any, project_roles: Any) -> str:
+    """`admin (every project)`, `developer in demo, viewer in web`, or both."""
+    parts = []
+    if role:
+        parts.append(f"{role} (every project)")
+    if isinstance(project_roles, Mapping):
+        parts.extend(f"{r} in {p}" for p, r in sorted(project_roles.items()))
+    return ", ".join(parts) or "none"
+
+
+def whoami_detail(data: Any, *, api: str = "", credential: str = "") -> str:
+    """`fabrik whoami` (and `fabrik login`): the caller as a key/value block."""
+    me: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
+    pairs: list[tuple[str, str]] = [("subject", text(me.get("subject")))]
+    if me.get("name"):
+        pairs.append(("name", text(me["name"])))
+    pairs += [
+        ("kind", text(me.get("kind"))),
+        ("authenticated", text(me.get("authenticated"))),
+        ("roles", format_roles(me.get("role"), me.get("project_roles"))),
+    ]
+    if me.get("token_id"):
+        pairs.append(("token id", text(me["token_id"])))
+    if api:
+        pairs.append(("api", api))
+    if credential:
+        pairs.append(("credential", credential))
+    return render_fields(pairs)
+
+
+def token_status(token: Mapping[str, Any], now: datetime) -> str:
+    if token.get("revoked_at"):
+        return "revoked"
+    expires = parse_time(token.get("expires_at"))
+    if expires is not None and expires <= now:
+        return "expired"
+    return "active"
+
+
+def format_projects(projects: Any) -> str:
+    if isinstance(projects, list) and projects:
+        return ",".join(str(p) for p in projects)
+    return "all"
+
+
+TOKEN_COLUMNS = ("TOKEN ID", "NAME", "ROLE", "PROJECTS", "STATUS", "CREATED", "EXPIRES", "LAST USED", "BY")
+
+
+def tokens_table(data: Any, now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    rows = []
+    for token in queue_items(data):
+        expires = parse_time(token.get("expires_at"))
+        rows.append(
+            [
+                text(token.get("token_id")),
+                text(token.get("name")),
+                text(token.get("role")),
+                format_projects(token.get("projects")),
+                token_status(token, now),
+                format_age(token.get("created_at"), now),
+                "never" if expires is None else format_relative(expires, now),
+                format_age(token.get("last_used_at"), now) if token.get("last_used_at") else "never",
+                text(token.get("created_by")),
+            ]
+        )
+    if not rows:
+        return "no API tokens"
+    return render_table(TOKEN_COLUMNS, rows)
+
+
+def token_detail(token: Mapping[str, Any], now: datetime | None = None) -> str:
+    """`fabrik token show|revoke`: one token (never its secret) as a key/value block."""
+    now = now or datetime.now(UTC)
+    pairs: list[tuple[str, str]] = [
+        ("token id", text(token.get("token_id"))),
+        ("name", text(token.get("name"))),
+        ("role", text(token.get("role"))),
+        ("projects", format_projects(token.get("projects"))),
+        ("status", token_status(token, now)),
+        ("created", format_time(token.get("created_at"), now)),
+        ("created by", text(token.get("created_by"))),
+        ("expires", format_time(token.get("expires_at"), now) if token.get("expires_at") else "never"),
+        ("last used", format_time(token.get("last_used_at"), now) if token.get("last_used_at") else "never"),
+    ]
+    if token.get("revoked_at"):
+        pairs += [
+            ("revoked", format_time(token.get("revoked_at"), now)),
+            ("revoked by", text(token.get("revoked_by"))),
+        ]
+    return render_fields(pairs)
+
+
+AUDIT_COLUMNS = ("TIME", "ACTOR", "ROLE", "ACTION", "TARGET", "PROJECT", "RESULT", "DETAILS")
+
+
+def _audit_details(details: Any) -> str:
+    if not isinstance(details, Mapping):
+        return NONE
+    parts = []
+    for key, value in details.items():
+        if value in (None, "", {}, []):
+            continue
+        shown = json.dumps(value, separators=(",", ":")) if isinstance(value, Mapping | list) else value
+        parts.append(f"{key}={shown}")
+    return ", ".join(parts) or NONE
+
+
+def audit_table(data: Any) -> str:
+    rows = []
+    for item in queue_items(data):
+        when = parse_time(item.get("occurred_at"))
+        rows.append(
+            [
+                when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if when else NONE,
+                text(item.get("actor")),
+                text(item.get("role")),
+                text(item.get("action")),
+                text(item.get("target")),
+                text(item.get("project")),
+                text(item.get("result")),
+                _audit_details(item.get("details")),
+            ]
+        )
+    if not rows:
+        return "no matching audit events"
+    return render_table(AUDIT_COLUMNS, rows)
