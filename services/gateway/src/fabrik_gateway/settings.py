@@ -14,7 +14,7 @@ from fabrik_common.envs import (
     load_env_cipher,
 )
 from fabrik_common.settings import CommonSettings, Port, PositiveFloat, PositiveInt
-from fabrik_gateway.auth import AnonymousRole
+from fabrik_gateway.roles import AnonymousRole
 from fabrik_gateway.slack.config import check_slack_settings
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from fabrik_common.ids import DNS1123_RULE, is_dns1123_label
-from fabrik_gateway.auth.principal import ROLES, Principal, Role, higher_role
+from fabrik_gateway.roles import ROLES, Principal, Role, higher_role
 
 if TYPE_CHECKING:
     from fabrik_gateway.settings import GatewaySettings
