@@ -16,7 +16,7 @@ from litestar.openapi.spec import Components, Schema, SecurityScheme
 from fabrik_common import specs
 from fabrik_common.service import Service, run_service
 from fabrik_gateway import envs, models
-from fabrik_gateway.api import EnvsController, RunsController, SystemController
+from fabrik_gateway.api import EnvsController, RunsController, SystemController, stream
 from fabrik_gateway.api.access import AccessController
 from fabrik_gateway.api.webhooks_slack import slack_webhook
 from fabrik_gateway.audit import AuditTrail, audit_middleware
@@ -24,6 +24,7 @@ from fabrik_gateway.auth import Principal, current_principal
 from fabrik_gateway.edge import cors_config, guarded_responses, security_headers_middleware
 from fabrik_gateway.gateway import Gateway
 from fabrik_gateway.handlers import router
+from fabrik_gateway.live import LiveHub
 from fabrik_gateway.metrics import UNMATCHED, metrics_middleware
 from fabrik_gateway.problems import make_exception_handlers
 from fabrik_gateway.settings import GatewaySettings
@@ -79,6 +80,7 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
             }[settings.anonymous_role],
         )
     audit = AuditTrail()
+    live = LiveHub(gateway)
 
     def count_unmatched(request: Request[Any, Any, Any], status: int) -> None:
         if gateway.metrics is not None:
@@ -93,14 +95,21 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
         routers=[router, slack_router],
         on_start=gateway.on_start,
         on_stop=gateway.on_stop,
-        route_handlers=[RunsController, SystemController, EnvsController, AccessController, slack_webhook],
+        route_handlers=[
+            RunsController,
+            SystemController,
+            EnvsController,
+            AccessController,
+            *stream.route_handlers,
+            slack_webhook,
+        ],
         http_app_kwargs={
             "dependencies": {
                 "gateway": Provide(provide_gateway, sync_to_thread=False),
                 "principal": Provide(current_principal),
             },
             "exception_handlers": make_exception_handlers(on_unmatched=count_unmatched),
-            "state": State({"gateway": gateway}),
+            "state": State({"gateway": gateway, stream.LIVE_STATE_KEY: live}),
             "openapi_config": openapi_config(),
             "middleware": [
                 security_headers_middleware(settings),
@@ -111,9 +120,10 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
             "request_max_body_size": settings.max_body_bytes,
             "signature_namespace": {"Gateway": Gateway, "Principal": Principal},
         },
-        background=[Gateway.watch_runs, Gateway.watch_queue, Gateway.watch_tokens, run_slack],
+        background=[Gateway.watch_runs, Gateway.watch_queue, Gateway.watch_tokens, live.run, run_slack],
     )
     gateway.attach(service)
+    live.attach(service)
     install_slack(gateway, service.registry)
     audit.publish = service.bus.publish
     close_strict_schemas(service.http_app)
