@@ -18,11 +18,14 @@ from fabrik_common.service import Service, run_service
 from fabrik_gateway import envs, models
 from fabrik_gateway.api import EnvsController, RunsController, SystemController, stream
 from fabrik_gateway.api.access import AccessController
+from fabrik_gateway.api.webhooks_github import github_webhook_route
 from fabrik_gateway.api.webhooks_slack import slack_webhook
 from fabrik_gateway.audit import AuditTrail, audit_middleware
 from fabrik_gateway.auth import Principal, current_principal
 from fabrik_gateway.edge import cors_config, guarded_responses, security_headers_middleware
 from fabrik_gateway.gateway import Gateway
+from fabrik_gateway.github.handlers import github_router
+from fabrik_gateway.github.integration import GithubIntegration
 from fabrik_gateway.handlers import router
 from fabrik_gateway.live import LiveHub
 from fabrik_gateway.metrics import UNMATCHED, metrics_middleware
@@ -81,6 +84,7 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
         )
     audit = AuditTrail()
     live = LiveHub(gateway)
+    github = GithubIntegration(settings, gateway)
 
     def count_unmatched(request: Request[Any, Any, Any], status: int) -> None:
         if gateway.metrics is not None:
@@ -92,7 +96,7 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
     service: Service[Gateway] = Service(
         NAME,
         settings,
-        routers=[router, slack_router],
+        routers=[router, github_router(github), slack_router],
         on_start=gateway.on_start,
         on_stop=gateway.on_stop,
         route_handlers=[
@@ -101,6 +105,7 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
             EnvsController,
             AccessController,
             *stream.route_handlers,
+            github_webhook_route(github),
             slack_webhook,
         ],
         http_app_kwargs={
@@ -109,7 +114,7 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
                 "principal": Provide(current_principal),
             },
             "exception_handlers": make_exception_handlers(on_unmatched=count_unmatched),
-            "state": State({"gateway": gateway, stream.LIVE_STATE_KEY: live}),
+            "state": State({"gateway": gateway, stream.LIVE_STATE_KEY: live, "github": github}),
             "openapi_config": openapi_config(),
             "middleware": [
                 security_headers_middleware(settings),
@@ -120,10 +125,18 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
             "request_max_body_size": settings.max_body_bytes,
             "signature_namespace": {"Gateway": Gateway, "Principal": Principal},
         },
-        background=[Gateway.watch_runs, Gateway.watch_queue, Gateway.watch_tokens, live.run, run_slack],
+        background=[
+            Gateway.watch_runs,
+            Gateway.watch_queue,
+            Gateway.watch_tokens,
+            live.run,
+            github.maintain,
+            run_slack,
+        ],
     )
     gateway.attach(service)
     live.attach(service)
+    github.attach(service)
     install_slack(gateway, service.registry)
     audit.publish = service.bus.publish
     close_strict_schemas(service.http_app)

@@ -14,6 +14,7 @@ from fabrik_common.envs import (
     load_env_cipher,
 )
 from fabrik_common.settings import CommonSettings, Port, PositiveFloat, PositiveInt
+from fabrik_gateway.github.config import check_settings as check_github_settings
 from fabrik_gateway.roles import AnonymousRole
 from fabrik_gateway.slack.config import check_slack_settings
 
@@ -97,7 +98,8 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     """GitHub App id; with `github_app_private_key_file`, calls use installation tokens."""
     github_app_private_key_file: str = ""
     github_token: str = ""
-    """A token for the GitHub API instead of an App (fine-grained PAT with checks and issues)."""
+    """A token for the GitHub API instead of an App (a fine-grained PAT with commit statuses, issues
+    and pull requests; GitHub lets only Apps write check runs, so runs are reported as statuses)."""
     github_token_file: str = ""
     github_repositories: str = ""
     """Repository -> project mapping, `owner/repo=project` comma-separated (`owner/*` matches every
@@ -136,6 +138,7 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         # An unusable key stops the start with the variable named (exit 2), before NATS is involved.
         load_env_cipher(self.env_encryption_key, self.env_encryption_key_file)
         check_slack_settings(self)
+        check_github_settings(self)
         for name in SECRETS:
             self.secret(name)
         hs256 = self.secret("jwt_hs256_secret")
