@@ -67,9 +67,10 @@ class IdempotencyRecord(msgspec.Struct, frozen=True, kw_only=True):
 _idempotency = msgspec.json.Decoder(IdempotencyRecord)
 
 
-def idempotency_kv_key(project: str, key: str) -> str:
-    """Keys are scoped by project (and, once authentication exists, should be by principal too)."""
-    return f"{project}.{hashlib.sha256(key.encode()).hexdigest()}"
+def idempotency_kv_key(project: str, subject: str, key: str) -> str:
+    """Keys are scoped by project and by caller: another caller's key never answers their run."""
+    digest = hashlib.sha256(subject.encode() + b"\0" + key.encode()).hexdigest()
+    return f"{project}.{digest}"
 
 
 def normalize_run_id(text: str) -> str | None:
@@ -322,7 +323,7 @@ class Gateway:
         )
         if key is not None:
             previous = await self._claim(
-                idempotency_kv_key(request.project, key),
+                idempotency_kv_key(request.project, principal.subject, key),
                 IdempotencyRecord(
                     run_id=event.run_id,
                     body_hash=valid.body_hash,

@@ -325,7 +325,7 @@ class GithubIntegration:
             )
             return "no_credentials"
         key = IDEMPOTENCY_PREFIX + event.delivery_id
-        existing = await self._existing_run(project, key)
+        existing = await self._existing_run(project, github_principal(trigger.sender).subject, key)
         if existing is not None:
             return await self._resume_existing(existing, trigger, project, event)
 
@@ -429,13 +429,13 @@ class GithubIntegration:
         await reporter.start(origin)
         return "duplicate"
 
-    async def _existing_run(self, project: str, key: str) -> str | None:
+    async def _existing_run(self, project: str, subject: str, key: str) -> str | None:
         """The run an earlier handling of the same delivery submitted (the gateway's own
         Idempotency-Key record, kept 24 h), or None."""
         if self._idempotency is None:
             self._idempotency = await self.gateway.bus.js.key_value(IDEMPOTENCY_BUCKET)
         try:
-            entry = await self._idempotency.get(idempotency_kv_key(project, key))
+            entry = await self._idempotency.get(idempotency_kv_key(project, subject, key))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         try:
