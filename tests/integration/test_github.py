@@ -358,6 +358,10 @@ def run_number(run: RunRequested) -> int:
 # runs from the three kinds of deliveries
 
 
+async def _has_audit(env: Env) -> bool:
+    return bool(await env.stored("OPS", "fabrik.audit.recorded"))
+
+
 async def test_a_pr_comment_starts_a_run_reported_as_a_check_run(env: Env) -> None:
     env.github.add_pull(REPO, 7, head_sha=PR_HEAD, head_ref="greeting")
     payload = comment_payload("issue_comment.created.pull_request")
@@ -378,6 +382,10 @@ async def test_a_pr_comment_starts_a_run_reported_as_a_check_run(env: Env) -> No
     assert run.params.repo is not None
     assert run.params.repo.url == CLONE_URL
     assert run.params.repo.ref == PR_HEAD  # the PR's head, fetched from the pulls API
+    await wait_until(lambda: _has_audit(env))
+    (audit,) = [msgspec.json.decode(m.data) for m in await env.stored("OPS", "fabrik.audit.recorded")]
+    assert audit["actor"] == "github:octocat" and audit["action"] == "run.submit"
+    assert audit["target"] == f"run:{run.run_id}" and audit["details"]["via"] == "github"
     assert run.params.spec_path == ".fabrik/specs/greeting.json"
     assert run.params.priority == "high"
     assert run.params.timeout_seconds == 3600

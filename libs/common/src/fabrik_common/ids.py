@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import UTC, datetime
 
@@ -18,6 +19,14 @@ _ULID_TEXT = re.compile(r"^[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{26}$")
 def new_ulid() -> str:
     """A new ULID in its canonical upper-case text form."""
     return str(ULID())
+
+
+def derived_ulid(seed: str) -> str:
+    """A ULID-shaped id that is a function of `seed`, for events that must keep their id when they
+    are produced again (a webhook's retries, a redelivered command's effects): JetStream's
+    duplicate window then stores them once. Its time part is zero: it is not a time."""
+    digest = hashlib.sha256(seed.encode()).digest()
+    return str(ULID.from_bytes(bytes(6) + digest[:10]))
 
 
 def is_ulid(value: str) -> bool:

@@ -33,8 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fabrik_common.bus import PublishError, Retry
 from fabrik_common.codec import encode
-from fabrik_common.events import GithubDeliveryReceived, RunRequested
-from fabrik_common.ids import utcnow
+from fabrik_common.events import AuditRecorded, GithubDeliveryReceived, RunRequested
+from fabrik_common.ids import derived_ulid, utcnow
 from fabrik_common.service import Service
 from fabrik_gateway.auth import Principal
 from fabrik_gateway.gateway import IDEMPOTENCY_BUCKET, Gateway, IdempotencyRecord, idempotency_kv_key
@@ -373,6 +373,19 @@ class GithubIntegration:
                 raise Retry(f"submit: {exc.detail}", 2.0) from exc
             # e.g. the key was claimed meanwhile for another body: the next delivery resumes it
             raise Retry(f"submit: {exc.detail}") from exc
+        # As a submit through the API would be; the id is the delivery's, so it is stored once.
+        await self.gateway.bus.publish(
+            AuditRecorded(
+                event_id=derived_ulid(f"audit:github-delivery:{event.delivery_id}"),
+                actor=principal.subject,
+                role=principal.role_name,
+                action="run.submit",
+                target=f"run:{view.run_id}",
+                project=project,
+                result="ok",
+                details={"via": "github", "repository": trigger.full_name, "delivery_id": event.delivery_id},
+            )
+        )
         origin = self._origin(
             trigger,
             event=event,

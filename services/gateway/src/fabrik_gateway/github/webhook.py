@@ -18,10 +18,9 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 
 import msgspec
-from ulid import ULID
 
 from fabrik_common.events import GithubDeliveryReceived
-from fabrik_common.ids import utcnow
+from fabrik_common.ids import derived_ulid, utcnow
 from fabrik_gateway.github.commands import find_command_line
 
 SIGNATURE_HEADER: Final = "X-Hub-Signature-256"
@@ -71,10 +70,8 @@ def delivery_event_id(delivery_id: str) -> str:
     """A ULID-shaped event id that is the same for every (re)delivery of one GitHub delivery, so
     JetStream (`Nats-Msg-Id` = event id) stores a redelivery within its dedupe window only once.
 
-    It is the first 128 bits of SHA-256("github-delivery:" + id) in ULID text form: valid as a
-    ULID, but its time component means nothing (`received_at` and `occurred_at` carry the time)."""
-    digest = hashlib.sha256(f"github-delivery:{delivery_id}".encode()).digest()
-    return str(ULID.from_bytes(digest[:16]))
+    Its time part is zero (`received_at` and `occurred_at` carry the time)."""
+    return derived_ulid(f"github-delivery:{delivery_id}")
 
 
 def delivery_event(

@@ -33,11 +33,10 @@ from datetime import datetime
 from typing import Any, Final, Literal, Protocol
 
 import msgspec
-from ulid import ULID
 
 from fabrik_common.bus import Retry
 from fabrik_common.events import TERMINAL_STATES, AuditRecorded, SlackCommandReceived
-from fabrik_common.ids import is_ulid, utcnow
+from fabrik_common.ids import derived_ulid, is_ulid, utcnow
 from fabrik_common.runs import RunRecord
 from fabrik_gateway.auth.principal import Principal
 from fabrik_gateway.models import ActionAccepted, RunView
@@ -272,13 +271,6 @@ def _role_problem(principal: Principal, role: str, action: str, project: str) ->
 
 # ------------------------------------------------------------------------------------------------
 # The ingest event
-
-
-def derived_ulid(seed: str) -> str:
-    """A ULID-shaped id that is a function of `seed`: a retried delivery gets the same event id,
-    so JetStream's duplicate window stores it once. Its time part is zero (it is not a time)."""
-    digest = hashlib.sha256(seed.encode()).digest()
-    return str(ULID.from_bytes(bytes(6) + digest[:10]))
 
 
 def command_event(form: Mapping[str, str], raw_body: bytes, received_at: datetime) -> SlackCommandReceived:
