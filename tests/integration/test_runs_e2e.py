@@ -23,11 +23,18 @@ import pytest
 
 from fabrik_common.natsserver import NatsServer, free_port
 from fabrik_common.testing import ServiceProcess
+from fabrik_gateway.auth.jwt import mint_hs256
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "examples" / "hello"
 SPEC = HELLO / "spec.json"
 TERMINAL = {"succeeded", "failed", "cancelled", "timed_out", "budget_exceeded"}
+JWT_SECRET = "e2e-secret-of-at-least-32-bytes-long!"
+
+
+def api_client() -> httpx.Client:
+    token = mint_hs256(JWT_SECRET, "ci@example.com", {"demo": "developer"}, ttl_seconds=3600)
+    return httpx.Client(timeout=10, headers={"Authorization": f"Bearer {token}"})
 
 
 @dataclass
@@ -71,6 +78,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         "FABRIK_SNAPSHOT_INTERVAL_SECONDS": "0.5",
         "FABRIK_CANCEL_GRACE_SECONDS": "3",
         "FABRIK_SHUTDOWN_GRACE_SECONDS": "5",
+        # A real credential, as a CI job would hold: a developer in the runs' project.
+        "FABRIK_JWT_HS256_SECRET": JWT_SECRET,
     }
     s = Stack(tmp_path, nats, env)
     try:
@@ -147,7 +156,7 @@ def log_texts(client: httpx.Client, api: str, run_id: str) -> list[str]:
 def test_submit_progress_logs_cancel_resume_over_real_processes(stack: Stack) -> None:
     for name in ("gateway", "scheduler", "executor"):
         stack.start(name)
-    with httpx.Client(timeout=10) as client:
+    with api_client() as client:
         first = submit(client, stack.api, workload=hello_command(steps=6, step_seconds=0.3))
         run_id = first["run_id"]
         assert first["state"] == "queued"
@@ -200,7 +209,7 @@ def test_submit_progress_logs_cancel_resume_over_real_processes(stack: Stack) ->
 def test_executor_killed_mid_run_reattaches_and_finishes(stack: Stack) -> None:
     for name in ("gateway", "scheduler", "executor"):
         stack.start(name)
-    with httpx.Client(timeout=10) as client:
+    with api_client() as client:
         run = submit(client, stack.api, workload=hello_command(steps=10, step_seconds=0.4))
         run_id = run["run_id"]
         wait_state(client, stack.api, run_id, {"running"}, timeout=30)
@@ -221,7 +230,7 @@ def test_scheduler_leader_killed_with_standby_running(stack: Stack) -> None:
     stack.start("scheduler", instance="leader", key="scheduler-a")
     time.sleep(1.0)
     stack.start("scheduler", instance="standby", key="scheduler-b")
-    with httpx.Client(timeout=10) as client:
+    with api_client() as client:
         runs = [
             submit(client, stack.api, workload=hello_command(steps=3, step_seconds=0.3)) for _ in range(6)
         ]
@@ -250,7 +259,7 @@ def test_scheduler_leader_killed_with_standby_running(stack: Stack) -> None:
 def test_nats_restart_mid_flight_loses_nothing(stack: Stack) -> None:
     for name in ("gateway", "scheduler", "executor"):
         stack.start(name)
-    with httpx.Client(timeout=10) as client:
+    with api_client() as client:
         runs = [
             submit(client, stack.api, workload=hello_command(steps=8, step_seconds=0.4)) for _ in range(3)
         ]
