@@ -203,7 +203,7 @@ async def test_run_from_slack_then_its_thread(env: Env) -> None:
     assert len(requested) == 1
     run = requested[0]
     assert run.project == "demo" and run.requested_by == "slack:U0DEV"
-    assert run.params.spec_path == "specs/hello.json" and run.params.priority == "high"
+    assert run.params.spec_path == ".fabrik/specs/hello.json" and run.params.priority == "high"
     assert run.params.repo is not None and run.params.repo.url == "https://github.com/acme/hello"
     (answer,) = env.answers(result.response_id)
     assert answer["response_type"] == "in_channel"

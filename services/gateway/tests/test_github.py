@@ -35,7 +35,6 @@ from fabrik_gateway.github.config import (
     load_config,
     load_credentials,
     parse_repositories,
-    read_secret,
 )
 from fabrik_gateway.github.handlers import github_router
 from fabrik_gateway.github.integration import GithubIntegration, github_principal, rejection_text
@@ -350,31 +349,36 @@ def test_bad_repositories_name_the_variable_and_the_rule(text: str, problem: str
 
 
 def test_credentials(tmp_path: Path) -> None:
+    # The settings check themselves when they are made: a bad combination raises right there.
     double = GithubDouble()
     key = tmp_path / "app.pem"
     key.write_text(double.app_private_key_pem)
     token = tmp_path / "token"
     token.write_text("ghp_x\n")
-    assert load_credentials(app_id="", private_key_file="", token="", token_file="") is None
-    assert load_credentials(app_id="", private_key_file="", token="", token_file=str(token)) == Credentials(
+    assert load_credentials(GatewaySettings()) is None
+    assert load_credentials(GatewaySettings(github_token_file=str(token))) == Credentials(
         mode="token", token="ghp_x"
     )
-    app = load_credentials(app_id="424242", private_key_file=str(key), token="", token_file="")
+    app = load_credentials(GatewaySettings(github_app_id="424242", github_app_private_key_file=str(key)))
     assert app is not None and app.mode == "app" and app.private_key.startswith("-----BEGIN")
-    with pytest.raises(GithubConfigError, match="go together"):
-        load_credentials(app_id="1", private_key_file="", token="", token_file="")
-    with pytest.raises(GithubConfigError, match="not both"):
-        load_credentials(app_id="1", private_key_file=str(key), token="t", token_file="")
-    with pytest.raises(GithubConfigError, match="numeric"):
-        load_credentials(app_id="fabrik", private_key_file=str(key), token="", token_file="")
+    with pytest.raises(ValueError, match="go together"):
+        GatewaySettings(github_app_id="1")
+    with pytest.raises(ValueError, match="not both"):
+        GatewaySettings(github_app_id="1", github_app_private_key_file=str(key), github_token="t")
+    with pytest.raises(ValueError, match="numeric"):
+        GatewaySettings(github_app_id="fabrik", github_app_private_key_file=str(key))
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key")
-    with pytest.raises(GithubConfigError, match="PEM private key"):
-        load_credentials(app_id="1", private_key_file=str(garbage), token="", token_file="")
-    with pytest.raises(GithubConfigError, match="cannot be read"):
-        read_secret("", str(tmp_path / "missing"), "GITHUB_WEBHOOK_SECRET")
-    with pytest.raises(GithubConfigError, match="not both"):
-        read_secret("a", str(token), "GITHUB_WEBHOOK_SECRET")
+    with pytest.raises(ValueError, match="PEM private key"):
+        GatewaySettings(github_app_id="1", github_app_private_key_file=str(garbage))
+    with pytest.raises(ValueError, match=r"FABRIK_GITHUB_WEBHOOK_SECRET_FILE=.* cannot be read"):
+        GatewaySettings(github_webhook_secret_file=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not both"):
+        GatewaySettings(github_webhook_secret="a", github_webhook_secret_file=str(token))
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"FABRIK_GITHUB_TOKEN_FILE=.* is empty"):
+        GatewaySettings(github_token_file=str(empty))
 
 
 def test_check_settings_lists_every_problem() -> None:

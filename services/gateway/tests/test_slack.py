@@ -45,7 +45,6 @@ from fabrik_gateway.slack.config import (
     default_repositories,
     parse_channels,
     parse_users,
-    read_secret,
 )
 from fabrik_gateway.slack.notifier import MemoryThreadStore, Notifier, render
 from fabrik_gateway.slack.signature import SignatureError, compute_signature, signed_headers, verify
@@ -178,12 +177,15 @@ def test_channels_mapping() -> None:
 def test_secrets_from_value_or_file(tmp_path: Any) -> None:
     path = tmp_path / "secret"
     path.write_text("  s3cret\n")
-    assert read_secret("", str(path), "FABRIK_SLACK_SIGNING_SECRET") == "s3cret"
-    assert read_secret(" v ", "", "FABRIK_SLACK_SIGNING_SECRET") == "v"
+    settings = GatewaySettings(slack_signing_secret_file=str(path))
+    assert SlackConfig.from_settings(settings).signing_secret == "s3cret"
+    settings = GatewaySettings(slack_signing_secret=" v ")
+    assert SlackConfig.from_settings(settings).signing_secret == "v"
+    # (the settings check themselves when they are made)
     with pytest.raises(SlackConfigError, match="not both"):
-        read_secret("v", str(path), "FABRIK_SLACK_SIGNING_SECRET")
+        GatewaySettings(slack_signing_secret="v", slack_signing_secret_file=str(path))
     with pytest.raises(SlackConfigError, match=r"FABRIK_SLACK_SIGNING_SECRET_FILE=.* cannot be read"):
-        read_secret("", str(tmp_path / "missing"), "FABRIK_SLACK_SIGNING_SECRET")
+        GatewaySettings(slack_signing_secret_file=str(tmp_path / "missing"))
 
 
 def test_settings_check(tmp_path: Any) -> None:
@@ -244,9 +246,9 @@ def test_parse_commands() -> None:
         ("status", "needs a run id"),
         ("status 42", "is not a run id"),
         ("run demo", "needs a project and a spec"),
-        ("run demo hello --colour red", "unknown option --colour"),
-        ("run demo hello --env", "--env needs a value"),
-        ("run demo hello --env a --env b", "--env is given twice"),
+        ("run demo hello --colour red", "unknown option `--colour`"),
+        ("run demo hello --env", "`--env` needs a value"),
+        ("run demo hello --env a --env b", "`--env` is given twice"),
         ("run demo ../etc/passwd.json", "is not a spec id"),
         ('run demo "hello', "could not read"),
     ],
@@ -288,7 +290,7 @@ def test_submit_body() -> None:
     assert isinstance(parsed, RunCommand)
     assert submit_body(parsed, config) == {
         "project": "demo",
-        "spec_path": "specs/hello.json",
+        "spec_path": ".fabrik/specs/hello.json",
         "repo": {"url": "https://github.com/acme/demo", "ref": "main"},
         "timeout_seconds": 7200,
         "budget_usd": 5.0,
@@ -417,7 +419,7 @@ async def test_run_submits_once_per_command() -> None:
     requested, key = gateway.submitted[0]
     assert key == "slack:T1:t-1"
     assert requested.requested_by == "slack:U0DEV" and requested.project == "demo"
-    assert requested.params.spec_path == "specs/hello.json"
+    assert requested.params.spec_path == ".fabrik/specs/hello.json"
     assert done.answer.response_type == "in_channel"
     assert f"<https://fabrik.example.com/runs/{requested.run_id}|{requested.run_id}>" in done.answer.text
     assert done.audit is not None and done.audit.action == "run.submit" and done.audit.result == "ok"

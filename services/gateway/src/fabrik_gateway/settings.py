@@ -150,19 +150,25 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         if self.oidc_issuer and not self.oidc_issuer.startswith(("https://", "http://")):
             raise ValueError("FABRIK_OIDC_ISSUER must be an http(s) URL")
 
-    def secret(self, name: str) -> str:
+    def secret(self, name: str, *, empty_file_ok: bool = True) -> str:
         """The value of the secret setting `name`, from `name` itself or from the file `name_file`
-        (stripped of surrounding whitespace); "" when neither is set."""
-        value: str = getattr(self, name)
-        file: str = getattr(self, f"{name}_file")
+        (a mounted Secret; stripped of surrounding whitespace); "" when neither is set. A setting
+        that only exists as a file (`github_app_private_key_file`) is read the same way. Raises a
+        ValueError naming the variable when both are set, when the file cannot be read, and (not
+        `empty_file_ok`) when the file is empty."""
+        value: str = getattr(self, name, "")
+        file: str = getattr(self, f"{name}_file").strip()
         variable = f"FABRIK_{name.upper()}"
-        if value and file:
+        if value.strip() and file:
             raise ValueError(f"set one of {variable} or {variable}_FILE, not both")
         if file:
             try:
-                return Path(file).expanduser().read_text().strip()
+                text = Path(file).expanduser().read_text().strip()
             except OSError as exc:
                 raise ValueError(f"{variable}_FILE={file!r} cannot be read: {exc.strerror or exc}") from None
+            if not text and not empty_file_ok:
+                raise ValueError(f"{variable}_FILE={file!r} is empty")
+            return text
         return value.strip()
 
     @property

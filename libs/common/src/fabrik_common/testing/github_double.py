@@ -48,6 +48,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from fabrik_common.testing.http_double import HttpDouble
+
 Obj = dict[str, Any]
 
 API_VERSIONS = frozenset({"2022-11-28", "2026-03-10"})
@@ -167,10 +169,11 @@ class Call:
     status: int
 
 
-class GithubDouble:
+class GithubDouble(HttpDouble):
     def __init__(
         self, *, app_id: str = "424242", app_slug: str = "fabrik-test", token_seconds: float = 3600
     ) -> None:
+        super().__init__()
         self.app_id = app_id
         self.app_slug = app_slug
         self.token_seconds = token_seconds
@@ -192,16 +195,10 @@ class GithubDouble:
         self.faults: list[Fault] = []
         self.delays: list[tuple[str, re.Pattern[str], float]] = []
         self._ids = itertools.count(1000)
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> GithubDouble:
+    def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         r = app.router
         r.add_post("/app/installations/{installation}/access_tokens", self._access_token)
@@ -216,25 +213,7 @@ class GithubDouble:
         r.add_post("/repos/{owner}/{repo}/issues/comments/{id}/reactions", self._react)
         r.add_post("/repos/{owner}/{repo}/issues/{number}/comments", self._create_comment)
         r.add_get("/repos/{owner}/{repo}/issues/{number}/comments", self._list_comments)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server: Any = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> GithubDouble:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        return app
 
     # ---- test controls ---------------------------------------------------------------------
 

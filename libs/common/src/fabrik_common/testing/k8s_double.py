@@ -46,6 +46,8 @@ from typing import Any
 
 from aiohttp import web
 
+from fabrik_common.testing.http_double import HttpDouble
+
 Obj = dict[str, Any]
 
 
@@ -467,7 +469,7 @@ class _HistoryEntry:
 # the server
 
 
-class KubeDouble:
+class KubeDouble(HttpDouble):
     def __init__(
         self,
         *,
@@ -479,6 +481,7 @@ class KubeDouble:
         node_name: str = "double-node-1",
         version: tuple[int, int] = (1, 30),
     ) -> None:
+        super().__init__()
         self.objects: dict[tuple[str, str, str], Obj] = {}
         self.resource_version = 0
         self.history: list[_HistoryEntry] = []
@@ -498,8 +501,6 @@ class KubeDouble:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pod_tasks: dict[str, asyncio.Task[Any]] = {}
         self._deadline_tasks: dict[str, asyncio.Task[Any]] = {}
-        self._runner: web.AppRunner | None = None
-        self.port = 0
         for ns in namespaces:
             namespace: Obj = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
             # stored as any created object is (uid, creationTimestamp, resourceVersion), so that
@@ -509,21 +510,10 @@ class KubeDouble:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> KubeDouble:
+    def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors])
         app.router.add_route("*", "/{tail:.*}", self._route)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server: Any = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])
-        return self
+        return app
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -533,15 +523,7 @@ class KubeDouble:
                 await task
         self.drop_watches()
         self.drop_log_streams()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> KubeDouble:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        await super().stop()
 
     def _spawn(self, coro: Any, name: str = "") -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name or None)

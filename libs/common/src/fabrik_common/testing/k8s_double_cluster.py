@@ -27,11 +27,11 @@ import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from aiohttp import ClientSession, web
 
-from fabrik_common.natsserver import free_port
+from fabrik_common.testing.http_double import HttpDouble
 
 JSON = dict[str, Any]
 DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
@@ -303,39 +303,17 @@ def write_kubeconfig(path: Path, server: str, token: str, *, context: str = "dou
     return path
 
 
-class ClusterDouble:
+class ClusterDouble(HttpDouble):
     """The cluster-level double on its own HTTP server; `async with ClusterDouble() as k8s:`."""
 
     def __init__(self, cluster: ClusterObjects | None = None, host: str = "127.0.0.1") -> None:
+        super().__init__(host)
         self.cluster = cluster or ClusterObjects()
-        self.host = host
-        self.port = 0
-        self.app = web.Application()
-        add_cluster_routes(self.app, self.cluster)
-        self._runner: web.AppRunner | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def start(self) -> ClusterDouble:
-        self._runner = web.AppRunner(self.app)
-        await self._runner.setup()
-        self.port = free_port(self.host)
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> ClusterDouble:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        add_cluster_routes(app, self.cluster)
+        return app
 
     def kubeconfig(self, path: Path) -> Path:
         return write_kubeconfig(path, self.url, self.cluster.token)
@@ -402,51 +380,36 @@ class WorkloadDouble(Protocol):
     def url(self) -> str: ...
 
 
-class ClusterFront:
+class ClusterFront(HttpDouble):
     """In front of the workload double: `/version` and subject access reviews here, the rest there."""
 
     def __init__(
         self, double: WorkloadDouble, *, version: str = "v1.31.0+double", may_review_others: bool = True
     ) -> None:
+        super().__init__()
         self.double = double
         self.version = version
         self.may_review_others = may_review_others
         self.requests: list[tuple[str, str]] = []
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.app = web.Application()
-        self.app.router.add_get("/version", self._version)
-        self.app.router.add_get("/version/", self._version)
-        self.app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self._review)
-        self.app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/version/", self._version)
+        app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self._review)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        return app
 
-    async def start(self) -> ClusterFront:
+    async def start(self) -> Self:
         self._session = ClientSession()
-        self._runner = web.AppRunner(self.app, handle_signals=False)
-        await self._runner.setup()
-        self.port = free_port(self.host)
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        return self
+        return await super().start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await super().stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def __aenter__(self) -> ClusterFront:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def kubeconfig(self, path: Path, token: str = "front-token") -> Path:  # noqa: S107 - a test double's
         return write_kubeconfig(path, self.url, token)

@@ -12,14 +12,15 @@ import base64
 import hashlib
 import json
 import secrets
-from typing import Any
 
 from aiohttp import web
+
+from fabrik_common.testing.http_double import HttpDouble
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 
 
-class RegistryDouble:
+class RegistryDouble(HttpDouble):
     def __init__(
         self,
         *,
@@ -27,6 +28,7 @@ class RegistryDouble:
         password: str = "s3cret",  # noqa: S107 - a test double's fixed password
         service: str = "registry.double",
     ) -> None:
+        super().__init__()
         self.user = user
         self.password = password
         self.service = service
@@ -35,17 +37,11 @@ class RegistryDouble:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._tokens: dict[str, bool] = {}
         """token → issued with credentials"""
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     @property
     def host(self) -> str:
         """host:port, as written in an image reference."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.address}:{self.port}"
 
     def push(self, repository: str, tag: str, *, private: bool = False, content: str = "") -> str:
         """Store a manifest under `repository:tag`; returns its digest."""
@@ -63,29 +59,11 @@ class RegistryDouble:
             self.private.add(repository)
         return digest
 
-    async def start(self) -> RegistryDouble:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/token", self._token)
         app.router.add_route("*", "/v2/{name:.+}/manifests/{reference}", self._manifest)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server: Any = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> RegistryDouble:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        return app
 
     def _credentialed(self, request: web.Request) -> bool | None:
         """None: no Basic auth; else whether it is the configured user."""

@@ -45,6 +45,8 @@ from urllib.parse import parse_qsl, urlencode
 import aiohttp
 from aiohttp import web
 
+from fabrik_common.testing.http_double import HttpDouble
+
 MAX_RESPONSE_URL_USES = 5
 
 
@@ -97,7 +99,7 @@ class CommandResult:
     seconds: float
 
 
-class SlackDouble:
+class SlackDouble(HttpDouble):
     def __init__(
         self,
         *,
@@ -108,6 +110,7 @@ class SlackDouble:
         bot_user_id: str = "U0FABRIKBOT",
         channels: tuple[str, ...] = ("C0GENERAL",),
     ) -> None:
+        super().__init__()
         self.token = token
         self.signing_secret = signing_secret
         self.team_id = team_id
@@ -122,43 +125,19 @@ class SlackDouble:
         self._faults: dict[str, deque[Fault]] = {}
         self._ts_counter = itertools.count(1)
         self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     # ------------------------------------------------------------------------------- lifecycle
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def api_url(self) -> str:
         """What `FABRIK_SLACK_API_URL` should be."""
         return f"{self.url}/api"
 
-    async def start(self) -> SlackDouble:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/api/{method}", self._api)
         app.router.add_post("/hooks/{hook}", self._hook)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server: Any = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> SlackDouble:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        return app
 
     # ------------------------------------------------------------------------------- controls
 

@@ -4,51 +4,38 @@
 The command is the first line of the comment whose first word is `/fabrik` (lines inside fenced
 code blocks and quotes do not count). Words are split like a shell does (`--label "a=b c"`).
 
-`spec` names the spec the run works from, a file in the repository: a path (`specs/login.json`,
-anything with a `/` or a `.json`/`.yaml`/`.yml`/`.md` suffix) is used as is (`spec_path`); a bare id
-(`login`) means `.fabrik/specs/<id>.json`. Without one, `FABRIK_GITHUB_DEFAULT_SPEC` applies.
+`spec` names the spec the run works from, a file in the repository, and the options are those of
+every run asked for in chat (`fabrik_gateway.chatops`, docs/chatops.md): a path (`specs/login.json`)
+is used as is, a bare id (`login`) means `.fabrik/specs/<id>.json`. Without one,
+`FABRIK_GITHUB_DEFAULT_SPEC` applies. The repository and the commit are those of the comment
+(there is no `--repo` or `--ref` here).
 """
 
 from __future__ import annotations
 
-import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
+from fabrik_gateway import chatops
+from fabrik_gateway.chatops import OPTIONS, ChatError, RunOptions, check_spec, read_options, split_options
+from fabrik_gateway.chatops import parse_duration as parse_duration
+
 COMMAND: Final = "/fabrik"
-SPEC_DIR: Final = ".fabrik/specs"
-SPEC_SUFFIXES: Final = (".json", ".yaml", ".yml", ".md")
-
-OPTIONS: Final[dict[str, str]] = {
-    "--env": "the project environment (default `dev`)",
-    "--priority": "`low`, `normal` or `high`",
-    "--timeout": "seconds, or a duration like `90m`, `2h`, `1h30m` (at most 24h)",
-    "--budget": "LLM budget in USD, e.g. `5` or `2.50`",
-    "--template": "resource template: `default` or `high-cpu`",
-    "--label": "`key=value`, repeatable",
-}
-USAGE: Final = (
-    "`/fabrik run [spec] [--env ENV] [--priority low|normal|high] [--timeout 1h] [--budget USD] "
-    "[--template NAME] [--label key=value]...`"
-)
-_SPEC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
+USAGE: Final = f"`{COMMAND} run [spec] {chatops.synopsis(OPTIONS)}`"
+POSITIONAL: Final = {"spec_path": "spec", "project": "project"}
+"""Fields of a rejected submit that the command sets without an option."""
+spec_path_for: Final = check_spec
+"""The repository path of a spec reference (`chatops.check_spec`)."""
 
 
-class CommandError(ValueError):
+class CommandError(ChatError):
     """A `/fabrik` comment that cannot be run; the message says why, for a reply comment."""
 
 
 @dataclass(frozen=True)
-class RunCommand:
+class RunCommand(RunOptions):
     spec: str | None = None
-    env: str | None = None
-    priority: str | None = None
-    timeout_seconds: int | None = None
-    budget_usd: float | None = None
-    template: str | None = None
-    labels: dict[str, str] = field(default_factory=dict)
     line: str = f"{COMMAND} run"
     """The command as written (for messages)."""
 
@@ -80,83 +67,22 @@ def parse_command(line: str) -> RunCommand:
     if len(words) < 2 or words[1] != "run":
         what = f"`{words[1]}` is not a command" if len(words) > 1 else "a command is missing"
         raise CommandError(f"{what}: the only command is `run`. Usage: {USAGE}")
-    spec: str | None = None
-    values: dict[str, str] = {}
-    labels: dict[str, str] = {}
-    rest = words[2:]
-    i = 0
-    while i < len(rest):
-        word = rest[i]
-        i += 1
-        if not word.startswith("--"):
-            if spec is not None:
-                raise CommandError(f"`{word}`: only one spec can be given (already `{spec}`). Usage: {USAGE}")
-            spec = word
-            continue
-        name, eq, value = word.partition("=")
-        if name not in OPTIONS:
-            known = ", ".join(f"`{o}`" for o in OPTIONS)
-            raise CommandError(f"unknown option `{name}`; the options are {known}. Usage: {USAGE}")
-        if not eq:
-            if i >= len(rest) or rest[i].startswith("--"):
-                raise CommandError(f"`{name}` needs a value: {OPTIONS[name]}")
-            value = rest[i]
-            i += 1
-        if name == "--label":
-            key, has_eq, label_value = value.partition("=")
-            if not has_eq or not key:
-                raise CommandError(f"`--label {value}` must be `key=value`")
-            labels[key] = label_value
-            continue
-        if name in values:
-            raise CommandError(f"`{name}` is given twice")
-        values[name] = value
-    return RunCommand(
-        spec=check_spec(spec) if spec is not None else None,
-        env=values.get("--env"),
-        priority=values.get("--priority"),
-        timeout_seconds=parse_duration(values["--timeout"]) if "--timeout" in values else None,
-        budget_usd=parse_budget(values["--budget"]) if "--budget" in values else None,
-        template=values.get("--template"),
-        labels=labels,
-        line=" ".join(words),
-    )
-
-
-def parse_duration(text: str) -> int:
-    match = _DURATION.match(text.strip().lower())
-    if not text.strip() or match is None or not any(match.groups()):
-        raise CommandError(f"`--timeout {text}` must be seconds or a duration like `90m`, `2h`, `1h30m`")
-    hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
-
-
-def parse_budget(text: str) -> float:
     try:
-        value = float(text.strip().removeprefix("$"))
-    except ValueError:
-        raise CommandError(f"`--budget {text}` must be an amount in USD, e.g. `5` or `2.50`") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise CommandError(f"`--budget {text}` must be an amount in USD, e.g. `5` or `2.50`")
-    return value
-
-
-def check_spec(spec: str) -> str:
-    if is_spec_path(spec) or _SPEC_ID.match(spec):
-        return spec
-    raise CommandError(
-        f"`{spec}` is not a spec: give a path in the repository (`specs/feature.json`) or a spec id "
-        f"(letters, digits, '.', '_' and '-', meaning `{SPEC_DIR}/<id>.json`)"
-    )
-
-
-def is_spec_path(spec: str) -> bool:
-    return "/" in spec or spec.lower().endswith(SPEC_SUFFIXES)
-
-
-def spec_path_for(spec: str) -> str:
-    """The repository path of a spec reference: a path as is, an id under `.fabrik/specs/`."""
-    return spec if is_spec_path(spec) else f"{SPEC_DIR}/{spec}.json"
+        positional, values = split_options(words[2:], OPTIONS)
+    except ChatError as exc:
+        raise CommandError(f"{exc}. Usage: {USAGE}") from None
+    if len(positional) > 1:
+        raise CommandError(
+            f"`{positional[1]}`: only one spec can be given (already `{positional[0]}`). Usage: {USAGE}"
+        )
+    spec = positional[0] if positional else None
+    try:
+        if spec is not None:
+            check_spec(spec)
+        options = read_options(values)
+    except ChatError as exc:
+        raise CommandError(str(exc)) from None
+    return RunCommand(**vars(options), spec=spec, line=" ".join(words))
 
 
 def submit_body(
@@ -177,38 +103,14 @@ def submit_body(
             f"no spec: name one (`{COMMAND} run <spec>`), or ask the operator to set "
             "FABRIK_GITHUB_DEFAULT_SPEC"
         )
-    body: dict[str, Any] = {
-        "project": project,
-        "spec_path": spec_path_for(spec),
-        "repo": {"url": repo_url, "ref": ref},
-        "labels": {**command.labels, **labels},
-    }
-    if command.env is not None:
-        body["env"] = command.env
-    if command.priority is not None:
-        body["priority"] = command.priority
-    if command.timeout_seconds is not None:
-        body["timeout_seconds"] = command.timeout_seconds
-    if command.budget_usd is not None:
-        body["budget_usd"] = command.budget_usd
-    if command.template is not None:
-        body["template"] = command.template
-    return body
-
-
-_FIELD_OPTIONS: Final = {
-    "env": "--env",
-    "priority": "--priority",
-    "timeout_seconds": "--timeout",
-    "budget_usd": "--budget",
-    "template": "--template",
-    "spec_path": "spec",
-    "project": "project",
-}
+    try:
+        return chatops.submit_body(
+            command, project=project, spec=spec, repo_url=repo_url, ref=ref, labels=labels
+        )
+    except ChatError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def option_for_field(field_name: str) -> str:
     """How a field of a rejected submit is called in the command (`timeout_seconds` -> `--timeout`)."""
-    if field_name.startswith("labels"):
-        return "--label" + field_name.removeprefix("labels").replace(".", " ", 1)
-    return _FIELD_OPTIONS.get(field_name, field_name)
+    return chatops.option_for_field(field_name, OPTIONS.values(), POSITIONAL)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
 from fabrik_common.ids import DNS1123_RULE, is_dns1123_label
-from fabrik_gateway.github.commands import CommandError, check_spec
+from fabrik_gateway.chatops import ChatError, check_spec
 
 if TYPE_CHECKING:
     from fabrik_gateway.settings import GatewaySettings
@@ -91,22 +90,13 @@ def parse_repositories(text: str) -> RepositoryMap:
 # secrets and credentials
 
 
-def read_secret(value: str, file: str, variable: str) -> str | None:
-    """A secret from `FABRIK_<variable>` or `FABRIK_<variable>_FILE` (a mounted Secret; surrounding
-    whitespace is stripped); None when neither is set."""
-    if value.strip() and file:
-        raise GithubConfigError(f"set one of FABRIK_{variable} or FABRIK_{variable}_FILE, not both")
-    if file:
-        try:
-            text = Path(file).expanduser().read_text().strip()
-        except OSError as exc:
-            raise GithubConfigError(
-                f"FABRIK_{variable}_FILE={file!r} cannot be read: {exc.strerror or exc}"
-            ) from None
-        if not text:
-            raise GithubConfigError(f"FABRIK_{variable}_FILE={file!r} is empty")
-        return text
-    return value.strip() or None
+def _secret(settings: GatewaySettings, name: str) -> str | None:
+    """`settings.secret(name)` (the value or its `_FILE`; an empty file is refused), None when
+    neither is set; raises `GithubConfigError`."""
+    try:
+        return settings.secret(name, empty_file_ok=False) or None
+    except ValueError as exc:
+        raise GithubConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -120,12 +110,11 @@ class Credentials:
     token: str = ""
 
 
-def load_credentials(
-    *, app_id: str, private_key_file: str, token: str, token_file: str
-) -> Credentials | None:
+def load_credentials(settings: GatewaySettings) -> Credentials | None:
     """The configured credentials, None when there are none; raises `GithubConfigError`."""
-    plain = read_secret(token, token_file, "GITHUB_TOKEN")
-    app_id = app_id.strip()
+    plain = _secret(settings, "github_token")
+    app_id = settings.github_app_id.strip()
+    private_key_file = settings.github_app_private_key_file
     if bool(app_id) != bool(private_key_file):
         raise GithubConfigError(
             "FABRIK_GITHUB_APP_ID and FABRIK_GITHUB_APP_PRIVATE_KEY_FILE go together: set both (a GitHub "
@@ -138,7 +127,7 @@ def load_credentials(
             )
         if not app_id.isdigit():
             raise GithubConfigError(f"FABRIK_GITHUB_APP_ID={app_id!r} must be the App's numeric id")
-        key = read_secret("", private_key_file, "GITHUB_APP_PRIVATE_KEY")
+        key = _secret(settings, "github_app_private_key")
         assert key is not None
         check_private_key(key, private_key_file)
         return Credentials(mode="app", app_id=app_id, private_key=key)
@@ -204,18 +193,11 @@ def load_config(settings: GatewaySettings) -> GithubConfig:
     except GithubConfigError as exc:
         problems.append(str(exc))
     try:
-        secret = read_secret(
-            settings.github_webhook_secret, settings.github_webhook_secret_file, "GITHUB_WEBHOOK_SECRET"
-        )
+        secret = _secret(settings, "github_webhook_secret")
     except GithubConfigError as exc:
         problems.append(str(exc))
     try:
-        credentials = load_credentials(
-            app_id=settings.github_app_id,
-            private_key_file=settings.github_app_private_key_file,
-            token=settings.github_token,
-            token_file=settings.github_token_file,
-        )
+        credentials = load_credentials(settings)
     except GithubConfigError as exc:
         problems.append(str(exc))
     try:
@@ -231,7 +213,7 @@ def load_config(settings: GatewaySettings) -> GithubConfig:
     if default_spec:
         try:
             check_spec(default_spec)
-        except CommandError as exc:
+        except ChatError as exc:
             problems.append(f"FABRIK_GITHUB_DEFAULT_SPEC={default_spec!r} is invalid: {exc}")
     if len(settings.github_trigger_label) > 50:
         problems.append(

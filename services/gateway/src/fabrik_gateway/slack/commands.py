@@ -2,8 +2,8 @@
 
 ```
 /fabrik run <project> <spec> [--repo URL] [--ref REF] [--env ENV] [--priority low|normal|high]
-                             [--timeout 3600|30m|2h] [--budget USD] [--template NAME]
-                             [--cpu 2 --memory 4Gi] [--label key=value ...]
+                             [--timeout 30m] [--budget USD] [--template NAME]
+                             [--cpu 2] [--memory 4Gi] [--label key=value]...
 /fabrik status <run>
 /fabrik cancel <run> [reason ...]
 /fabrik help
@@ -18,8 +18,10 @@ Two stages, both driven by the pure `triage()`:
    the text, the user and the settings) and, for a command that needs work, does it through the
    gateway (`execute()`) and answers through the command's `response_url`.
 
-`<spec>` is a spec *id*: the run works from `specs/<id>.json` in its repository (`spec_path`);
-an argument with a `/` or ending in `.json` is taken as that path itself. See docs/slack.md.
+`<spec>` and the options are those of every run asked for in chat (`fabrik_gateway.chatops`,
+docs/chatops.md): a spec id means `.fabrik/specs/<id>.json` in the run's repository, a path is used
+as is. `--repo` and `--ref` are Slack's own (on GitHub the repository is the commented one). See
+docs/slack.md.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from fabrik_common.bus import Retry
 from fabrik_common.events import TERMINAL_STATES, AuditRecorded, SlackCommandReceived
 from fabrik_common.ids import derived_ulid, is_ulid, utcnow
 from fabrik_common.runs import RunRecord
+from fabrik_gateway import chatops
 from fabrik_gateway.auth.principal import Principal
+from fabrik_gateway.chatops import OPTIONS, REPO_OPTIONS, ChatError, check_spec, read_options, split_options
 from fabrik_gateway.models import ActionAccepted, RunView
 from fabrik_gateway.problems import ProblemError
 from fabrik_gateway.readmodel import ReadModel
@@ -46,50 +50,17 @@ from fabrik_gateway.slack.config import USERS_VARIABLE, SlackConfig, UserRoles
 from fabrik_gateway.validation import ValidSubmit
 
 ResponseType = Literal["ephemeral", "in_channel"]
-SPEC_DIR: Final = "specs"
-_SPEC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
-_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+RUN_OPTIONS: Final = {**REPO_OPTIONS, **OPTIONS}
+"""The options of `/fabrik run`: those of every run asked for in chat, and where the code comes from."""
+POSITIONAL: Final = {"project": "<project>", "spec_path": "<spec>", "spec": "<spec>"}
+"""Fields of a rejected submit that the command's words set."""
 
-USAGE: Final = """*Fabrik* — `/fabrik` commands:
-• `/fabrik run <project> <spec> [--repo URL] [--ref REF] [--env ENV] [--priority low|normal|high] \
-[--timeout 30m] [--budget 5] [--template NAME] [--cpu 2 --memory 4Gi] [--label key=value]` — start a run \
-of spec `<spec>` (the repository's `specs/<spec>.json`, or a path such as `docs/spec.json`)
+USAGE: Final = f"""*Fabrik* — `/fabrik` commands:
+• `/fabrik run <project> <spec> {chatops.synopsis(RUN_OPTIONS)}` — start a run of spec `<spec>` \
+(an id meaning the repository's `{chatops.SPEC_DIR}/<spec>.json`, or a path such as `docs/spec.json`)
 • `/fabrik status <run>` — where a run stands
 • `/fabrik cancel <run> [reason]` — stop a run
 • `/fabrik help` — this text"""
-
-# option -> (field of the submit body, repeatable)
-RUN_OPTIONS: Final[dict[str, tuple[str, bool]]] = {
-    "repo": ("repo.url", False),
-    "ref": ("repo.ref", False),
-    "env": ("env", False),
-    "priority": ("priority", False),
-    "timeout": ("timeout_seconds", False),
-    "budget": ("budget_usd", False),
-    "template": ("template", False),
-    "cpu": ("resources.cpu", False),
-    "memory": ("resources.memory", False),
-    "label": ("labels", True),
-}
-# first component of a field in a validation error -> what the Slack user typed
-FIELD_OPTIONS: Final[dict[str, str]] = {
-    "project": "<project>",
-    "spec_path": "<spec>",
-    "spec": "<spec>",
-    "repo": "--repo",
-    "repo.url": "--repo",
-    "repo.ref": "--ref",
-    "env": "--env",
-    "priority": "--priority",
-    "timeout_seconds": "--timeout",
-    "budget_usd": "--budget",
-    "template": "--template",
-    "resources": "--cpu/--memory",
-    "resources.cpu": "--cpu",
-    "resources.memory": "--memory",
-    "labels": "--label",
-}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,47 +159,15 @@ def _run_id(word: str) -> str | None:
 
 
 def _parse_run(args: list[str]) -> RunCommand | Answer:
-    positional: list[str] = []
-    options: dict[str, list[str]] = {}
-    i = 0
-    while i < len(args):
-        word = args[i]
-        if word.startswith("--"):
-            name, eq, value = word[2:].partition("=")
-            name = name.lower()
-            if name not in RUN_OPTIONS:
-                known = ", ".join(f"--{o}" for o in RUN_OPTIONS)
-                return usage(f"unknown option --{name}; the options of `run` are {known}.")
-            if not eq:
-                if i + 1 >= len(args):
-                    return usage(f"--{name} needs a value.")
-                i += 1
-                value = args[i]
-            if name in options and not RUN_OPTIONS[name][1]:
-                return usage(f"--{name} is given twice.")
-            options.setdefault(name, []).append(value)
-        else:
-            positional.append(word)
-        i += 1
-    if len(positional) != 2:
-        return usage("`/fabrik run` needs a project and a spec: `/fabrik run <project> <spec>`.")
-    project, spec = positional
-    if spec_path(spec) is None:
-        return usage(
-            f"{spec!r} is not a spec id (letters, digits, '.', '_', '-') or a relative path to a .json file."
-        )
+    try:
+        positional, options = split_options(args, RUN_OPTIONS)
+        if len(positional) != 2:
+            return usage("`/fabrik run` needs a project and a spec: `/fabrik run <project> <spec>`.")
+        project, spec = positional
+        check_spec(spec)
+    except ChatError as exc:
+        return usage(f"{exc}.")
     return RunCommand(project, spec, {k: tuple(v) for k, v in options.items()})
-
-
-def spec_path(spec: str) -> str | None:
-    """Where the spec is in the run's repository: `specs/<id>.json` for an id, or the path given."""
-    if "/" in spec or spec.endswith(".json"):
-        if spec.startswith("/") or ".." in spec.split("/") or "\\" in spec:
-            return None
-        return spec
-    if not _SPEC_ID.match(spec) or spec in (".", ".."):
-        return None
-    return f"{SPEC_DIR}/{spec}.json"
 
 
 def not_allowed(user_id: str) -> Answer:
@@ -324,62 +263,27 @@ class CommandTarget(Protocol):
 
 
 def submit_body(command: RunCommand, config: SlackConfig) -> dict[str, Any] | Answer:
-    """The `POST /runs` body a run command asks for, or the answer when it cannot be built."""
-    path = spec_path(command.spec)
-    assert path is not None  # parse() checked it
-    body: dict[str, Any] = {"project": command.project, "spec_path": path}
-    opts = {name: values[-1] for name, values in command.options.items() if not RUN_OPTIONS[name][1]}
+    """The `POST /runs` body a run command asks for, or the answer when it cannot be built. A
+    `--timeout` or `--budget` that cannot be read is left for the validation to name, with the
+    command's other invalid fields."""
+    opts = {name: values[-1] for name, values in command.options.items() if values}
     repo_url = opts.get("repo") or config.default_repos.get(command.project)
     if not repo_url:
         return usage(
             f"no repository is known for project {command.project}: add `--repo URL` "
             "(the spec is read from the run's repository)."
         )
-    body["repo"] = {"url": repo_url}
-    if "ref" in opts:
-        body["repo"]["ref"] = opts["ref"]
-    for name in ("env", "priority", "template"):
-        if name in opts:
-            body[name] = opts[name]
-    if "timeout" in opts:
-        body["timeout_seconds"] = _duration(opts["timeout"])
-    if "budget" in opts:
-        body["budget_usd"] = _number(opts["budget"].lstrip("$"))
-    if "cpu" in opts or "memory" in opts:
-        body["resources"] = {k: opts[k] for k in ("cpu", "memory") if k in opts}
-    labels: dict[str, str] = {}
-    for pair in command.options.get("label", ()):
-        key, eq, value = pair.partition("=")
-        if not eq:
-            return usage(f"--label {pair!r} is not key=value.")
-        labels[key.strip()] = value.strip()
-    if labels:
-        body["labels"] = labels
-    return body
-
-
-def _duration(text: str) -> int | str:
-    """`3600`, `90s`, `30m`, `2h`, `1d` -> seconds; anything else as given (validation names it)."""
-    match = _DURATION.match(text.strip().lower())
-    if match is None:
-        return text
-    return int(match.group(1)) * _UNITS[match.group(2)]
-
-
-def _number(text: str) -> float | str:
     try:
-        return float(text)
-    except ValueError:
-        return text
+        options = read_options(command.options, strict=False)
+        return chatops.submit_body(
+            options, project=command.project, spec=command.spec, repo_url=repo_url, ref=opts.get("ref")
+        )
+    except ChatError as exc:
+        return usage(f"{exc}.")
 
 
 def _option_of(field_name: str) -> str:
-    if field_name in FIELD_OPTIONS:
-        return FIELD_OPTIONS[field_name]
-    head = field_name.split(".", 1)[0].split("[", 1)[0]
-    if head == "labels":
-        return f"--label {field_name.split('.', 1)[-1]}"
-    return FIELD_OPTIONS.get(head, field_name)
+    return chatops.option_for_field(field_name, RUN_OPTIONS.values(), POSITIONAL)
 
 
 def problem_answer(exc: ProblemError) -> Answer:

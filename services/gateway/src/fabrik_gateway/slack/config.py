@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from fabrik_common.ids import DNS1123_RULE, is_dns1123_label
@@ -21,7 +20,6 @@ if TYPE_CHECKING:
 
 USERS_VARIABLE: Final = "FABRIK_SLACK_USERS"
 CHANNELS_VARIABLE: Final = "FABRIK_SLACK_CHANNELS"
-SIGNING_SECRET_VARIABLE: Final = "FABRIK_SLACK_SIGNING_SECRET"  # noqa: S105 - a name
 BOT_TOKEN_VARIABLE: Final = "FABRIK_SLACK_BOT_TOKEN"  # noqa: S105 - a name
 API_URL_VARIABLE: Final = "FABRIK_SLACK_API_URL"
 PUBLIC_URL_VARIABLE: Final = "FABRIK_PUBLIC_URL"
@@ -171,28 +169,6 @@ def _bad_channel(entry: str, why: str) -> SlackConfigError:
 
 
 # ------------------------------------------------------------------------------------------------
-# Secrets
-
-
-def read_secret(value: str, file: str, variable: str) -> str:
-    """The secret from `variable` or from the file named by `<variable>_FILE`; empty when neither."""
-    if value.strip() and file.strip():
-        raise SlackConfigError(f"set one of {variable} or {variable}_FILE, not both")
-    if file.strip():
-        try:
-            text = Path(file.strip()).expanduser().read_text()
-        except OSError as exc:
-            raise SlackConfigError(
-                f"{variable}_FILE={file!r} cannot be read: {exc.strerror or exc}"
-            ) from None
-        secret = text.strip()
-        if not secret:
-            raise SlackConfigError(f"{variable}_FILE={file!r} is empty")
-        return secret
-    return value.strip()
-
-
-# ------------------------------------------------------------------------------------------------
 # Everything together
 
 
@@ -226,15 +202,18 @@ class SlackConfig:
         public_url = settings.public_url.strip().rstrip("/") or f"http://127.0.0.1:{settings.http_port}"
         if not re.match(r"^https?://[^/\s]+", public_url):
             raise SlackConfigError(f"{PUBLIC_URL_VARIABLE}={settings.public_url!r} must be an http(s) URL")
-        token = read_secret(settings.slack_bot_token, settings.slack_bot_token_file, BOT_TOKEN_VARIABLE)
+        try:
+            # the value or its `_FILE` (an empty file is refused)
+            signing_secret = settings.secret("slack_signing_secret", empty_file_ok=False)
+            token = settings.secret("slack_bot_token", empty_file_ok=False)
+        except ValueError as exc:
+            raise SlackConfigError(str(exc)) from None
         if token and not token.startswith("xox"):
             raise SlackConfigError(
                 f"{BOT_TOKEN_VARIABLE} must be a Slack bot token (xoxb-...); the value is not shown"
             )
         return cls(
-            signing_secret=read_secret(
-                settings.slack_signing_secret, settings.slack_signing_secret_file, SIGNING_SECRET_VARIABLE
-            ),
+            signing_secret=signing_secret,
             bot_token=token,
             api_url=api_url,
             users=parse_users(settings.slack_users),
