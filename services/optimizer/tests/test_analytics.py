@@ -183,7 +183,9 @@ def test_duration_p95_nearest_rank(store: AnalyticsStore) -> None:
         ingest(store, run_lifecycle(spec_id="spec-a", run_s=i * 10, queue_s=i, start=i * 1000))
     rows = duration_p95(store, "spec")
     # nearest rank: ceil(0.95 * 20) = 19th of 20
-    assert rows == [{"spec": "spec-a", "runs": 20, "run_seconds_p95": 190.0, "queue_seconds_p95": 19.0}]
+    assert rows == [
+        {"spec": "spec-a", "runs": 20, "run_seconds_p95": 190.0, "queue_runs": 20, "queue_seconds_p95": 19.0}
+    ]
     assert duration_p95(store, "spec", min_runs=21) == []
     assert percentile([5.0], 0.95) == 5.0
 

@@ -9,6 +9,8 @@ an attempt keep their first value, and the peak memory only grows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from fabrik_common.events import (
@@ -24,6 +26,7 @@ from fabrik_common.events import (
     RunStateChanged,
 )
 from fabrik_optimizer.analytics.store import RUN_COLUMNS, AnalyticsStore, iso, parse_iso, usd_to_nanos
+from fabrik_optimizer.prices import PriceBook
 
 # The run events the store folds; every other RunEvent is accepted and ignored.
 RUN_SUBJECTS: tuple[str, ...] = (
@@ -34,6 +37,28 @@ RUN_SUBJECTS: tuple[str, ...] = (
     "fabrik.runs.started.*",
     "fabrik.runs.finished.*",
 )
+
+
+@dataclass(frozen=True)
+class Costing:
+    """What compute and storage costs of a run are computed from.
+
+    - `node_type`: the node type a Kubernetes run is attributed to (`FABRIK_COST_NODE_TYPE`);
+    - `local_node_type`: the one a `local` run is attributed to (`FABRIK_COST_LOCAL_NODE_TYPE`;
+      empty: local runs cost no compute);
+    - `workspace_bytes` * `retention_hours`: the storage of one run's workspace volume
+      (`FABRIK_COST_WORKSPACE_SIZE`, `FABRIK_COST_WORKSPACE_RETENTION_HOURS`), charged once per run
+      that ran on Kubernetes, at the storage price in force when it (first) finished.
+    """
+
+    prices: PriceBook
+    node_type: str = ""
+    local_node_type: str = ""
+    workspace_bytes: int = 10 * 1024**3
+    retention_hours: Fraction = Fraction(7 * 24)
+
+    def node_for(self, backend: str | None) -> str:
+        return self.local_node_type if backend == "local" else self.node_type
 
 
 def _empty_run(run_id: str) -> dict[str, Any]:
@@ -55,6 +80,8 @@ def _params(row: dict[str, Any], params: RunParameters) -> None:
     row["template"] = params.template
     row["cpu_request"] = params.resources.cpu_request
     row["memory_request"] = params.resources.memory_request
+    row["cpu_limit"] = params.resources.cpu_limit
+    row["memory_limit"] = params.resources.memory_limit
     row["priority"] = params.priority
 
 
@@ -67,6 +94,9 @@ def _attempt(row: dict[str, Any], attempt: int) -> bool:
         if current > 0:
             row["queued_at"] = row["started_at"] = row["finished_at"] = None
             row["peak_memory_bytes"] = None
+            # The compute cost so far (earlier attempts) stays; the new attempt's adds to it.
+            if row["compute_cost_nanos"] is not None:
+                row["prior_compute_nanos"] = row["compute_cost_nanos"]
         row["attempts"] = attempt
     return True
 
@@ -77,12 +107,34 @@ def _seconds(start: str | None, end: str | None) -> float | None:
     return max(0.0, (parse_iso(end) - parse_iso(start)).total_seconds())
 
 
-def _derive(row: dict[str, Any]) -> None:
+def _derive(row: dict[str, Any], costing: Costing | None) -> None:
     row["queue_seconds"] = _seconds(row["queued_at"], row["started_at"])
     row["run_seconds"] = _seconds(row["started_at"], row["finished_at"])
+    row["finished_day"] = row["finished_at"][:10] if row["finished_at"] else None
+    if costing is not None and row["started_at"] and row["finished_at"]:
+        _costs(row, costing)
 
 
-def fold_run_event(row: dict[str, Any], event: RunEvent) -> bool:
+def _costs(row: dict[str, Any], costing: Costing) -> None:
+    """Compute (all attempts) and storage (once) cost of a run whose current attempt has ended."""
+    started, finished = parse_iso(row["started_at"]), parse_iso(row["finished_at"])
+    node = row["node_type"] or costing.node_for(row["backend"])
+    row["node_type"] = node or None
+    attempt_cost = (
+        costing.prices.compute_cost_nanos(node, row["cpu_request"], row["memory_request"], started, finished)
+        if node
+        else None
+    )
+    prior = row["prior_compute_nanos"]
+    if attempt_cost is not None or prior is not None:
+        row["compute_cost_nanos"] = int(prior or 0) + int(attempt_cost or 0)
+    if row["storage_cost_nanos"] is None and row["backend"] not in (None, "local"):
+        row["storage_cost_nanos"] = costing.prices.storage_cost_nanos(
+            costing.workspace_bytes, costing.retention_hours, finished
+        )
+
+
+def fold_run_event(row: dict[str, Any], event: RunEvent, costing: Costing | None = None) -> bool:
     """Fold one event into a run row in place; False when the event carries nothing for the store."""
     at = iso(event.occurred_at)
     if isinstance(event, RunRequested):
@@ -115,6 +167,7 @@ def fold_run_event(row: dict[str, Any], event: RunEvent) -> bool:
     elif isinstance(event, RunStarted):
         if _attempt(row, event.attempt):
             _set_first(row, "started_at", at)
+            row["backend"] = event.backend
     elif isinstance(event, RunFinished):
         if _attempt(row, event.attempt):
             _set_first(row, "finished_at", at)
@@ -127,14 +180,14 @@ def fold_run_event(row: dict[str, Any], event: RunEvent) -> bool:
                 row["reason"] = event.reason
     else:
         return False
-    _derive(row)
+    _derive(row, costing)
     return True
 
 
-def apply_run_event(store: AnalyticsStore, event: RunEvent) -> bool:
+def apply_run_event(store: AnalyticsStore, event: RunEvent, costing: Costing | None = None) -> bool:
     """Fold a run event into its row in the store; True when the store was written."""
     row = store.get_run(event.run_id) or _empty_run(event.run_id)
-    if not fold_run_event(row, event):
+    if not fold_run_event(row, event, costing):
         return False
     store.put_run(row)
     return True
