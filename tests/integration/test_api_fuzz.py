@@ -4,7 +4,9 @@ the document (status code, content type, headers, body schema).
 
 The gateway runs as a process (schemathesis calls are synchronous) with an HS256 secret and an
 environment key; every case is sent as an admin, so that the fuzzing reaches past the guard into
-each handler. Streaming operations are excluded: a followed log or a live stream does not end."""
+each handler. The optimizer runs as a process too, so that costs, budgets and analytics are
+answered (without it they are a documented 503, which `not_a_server_error` would count). Streaming
+operations are excluded: a followed log or a live stream does not end."""
 
 from __future__ import annotations
 
@@ -40,6 +42,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     root = tmp_path_factory.mktemp("fuzz")
     server = NatsServer(root / "nats")
     server.start()
+    optimizer = ServiceProcess(
+        "fabrik_optimizer",
+        {
+            "FABRIK_NATS_URL": server.url,
+            "FABRIK_LOG_FORMAT": "text",
+            "FABRIK_ANALYTICS_DB": str(root / "analytics.db"),
+        },
+        log_path=root / "optimizer.log",
+    )
     process = ServiceProcess(
         "fabrik_gateway",
         {
@@ -55,11 +66,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         log_path=root / "gateway.log",
     )
     try:
+        optimizer.start_process()
         process.start(ready_timeout=60)
+        optimizer.wait_ready(60)
         token = mint_hs256(SECRET, "fuzzer", "admin", ttl_seconds=3600)
         yield {"base_url": process.base_url, "headers": {"Authorization": f"Bearer {token}"}}
     finally:
         process.terminate()
+        optimizer.kill()
         server.stop()
 
 

@@ -49,6 +49,9 @@ RETRIES = 3
 RETRY_STATUSES = frozenset({502, 503, 504})
 RETRY_DELAY = 1.0
 MAX_RETRY_DELAY = 5.0
+REBUILD_TIMEOUT = 960.0
+"""`fabrik analytics rebuild` waits this long: longer than the gateway's own wait for the optimizer
+(`FABRIK_OPTIMIZER_REBUILD_TIMEOUT_SECONDS`, 900 s), so that its answer arrives."""
 STREAM_READ_TIMEOUT = 60.0
 """Longest silence on a log stream before it counts as broken (the gateway sends a heartbeat
 comment every 15 s by default)."""
@@ -325,6 +328,7 @@ class ApiClient:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
         retries: int | None = None,
+        timeout: float | None = None,
     ) -> Any:
         """The decoded JSON answer (None for an empty one); raises ApiError or ApiUnreachableError.
 
@@ -343,6 +347,7 @@ class ApiClient:
                     params=list(params) if params else None,
                     json=json_body,
                     headers=dict(headers) if headers else None,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
                 )
             except httpx.TransportError as exc:
                 if attempt < retries and not isinstance(exc, httpx.ConnectError):
@@ -519,6 +524,45 @@ class ApiClient:
             if not after or after in seen:
                 return
             seen.add(after)
+
+    # -- costs, budgets, run analytics (answered by the optimizer through the gateway) -----------
+
+    def costs(
+        self,
+        *,
+        group_by: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        project: str | None = None,
+    ) -> Any:
+        params: list[tuple[str, QueryValue]] = [
+            (k, v)
+            for k, v in (("group_by", group_by), ("from", since), ("to", until), ("project", project))
+            if v
+        ]
+        return self.request("GET", "/costs", params=params)
+
+    def budgets(self, *, project: str | None = None, period: str | None = None) -> Any:
+        params: list[tuple[str, QueryValue]] = [
+            (k, v) for k, v in (("project", project), ("period", period)) if v
+        ]
+        return self.request("GET", "/budgets", params=params)
+
+    def set_budget(self, body: Mapping[str, Any]) -> Any:
+        """A PUT of the whole budget: repeating it changes nothing more, so it is retried."""
+        return self.request("PUT", "/budgets", json_body=dict(body), retries=RETRIES)
+
+    def insights(
+        self, *, project: str | None = None, min_runs: int | None = None, top: int | None = None
+    ) -> Any:
+        params: list[tuple[str, QueryValue]] = [
+            (k, v) for k, v in (("project", project), ("min_runs", min_runs), ("top", top)) if v is not None
+        ]
+        return self.request("GET", "/analytics/insights", params=params)
+
+    def rebuild_analytics(self) -> Any:
+        """Sent once, and waited for long: the answer comes when the rebuild is done."""
+        return self.request("POST", "/analytics/rebuild", timeout=REBUILD_TIMEOUT)
 
 
 def _retry_after(response: httpx.Response) -> float:

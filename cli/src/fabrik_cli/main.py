@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from fabrik_cli.commands.access import audit, login, logout, token_group, whoami
+from fabrik_cli.commands.analytics import analytics_group, budget_group, cost_group
 from fabrik_cli.commands.doctor import doctor
 from fabrik_cli.commands.env import env_group
 from fabrik_cli.commands.runs import cancel, logs, projects, queue, resume, run, runs
@@ -55,5 +56,9 @@ cli.add_command(logout)
 cli.add_command(whoami)
 cli.add_command(token_group)
 cli.add_command(audit)
+# costs, budgets, run analytics (answered by the optimizer through the gateway)
+cli.add_command(cost_group)
+cli.add_command(budget_group)
+cli.add_command(analytics_group)
 # checks
 cli.add_command(doctor)

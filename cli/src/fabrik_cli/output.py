@@ -6,10 +6,13 @@ The table renderers are tolerant: a field the API does not send shows as `-`, ne
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -718,3 +721,348 @@ def audit_table(data: Any) -> str:
     if not rows:
         return "no matching audit events"
     return render_table(AUDIT_COLUMNS, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Costs, budgets, run analytics (the API's money is exact decimal strings in USD: shown as they are)
+
+
+def format_money(value: Any) -> str:
+    """`$0.265100005`: the API's exact decimal string with a dollar sign (never rounded)."""
+    if isinstance(value, str) and value:
+        return f"${value}"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"${format_number(value)}"
+    return NONE
+
+
+def format_number(value: Any) -> str:
+    """A plain number without float noise or exponents: `10`, `0.5`, `1000000000000`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return NONE if value is None else str(value)
+    return format(Decimal(repr(value)).normalize(), "f")
+
+
+def format_percent(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return NONE
+    return f"{value * 100:.1f}%"
+
+
+def _interval(row: Mapping[str, Any]) -> str:
+    low, high = row.get("ci95_low"), row.get("ci95_high")
+    if not isinstance(low, int | float) or not isinstance(high, int | float):
+        return NONE
+    return f"{low * 100:.0f}-{high * 100:.0f}%"
+
+
+COST_COLUMNS = ("LLM", "COMPUTE", "STORAGE", "TOTAL", "TOKENS", "CALLS", "RUNS")
+COST_CSV_COLUMNS = (
+    "llm_cost_usd",
+    "compute_cost_usd",
+    "storage_cost_usd",
+    "total_cost_usd",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "tokens",
+    "calls",
+    "runs",
+    "compute_runs",
+)
+
+
+def _cost_rows(data: Any) -> list[Mapping[str, Any]]:
+    rows = data.get("rows") if isinstance(data, Mapping) else None
+    return [r for r in rows if isinstance(r, Mapping)] if isinstance(rows, list) else []
+
+
+def _group_by(data: Any) -> str:
+    group = data.get("group_by") if isinstance(data, Mapping) else None
+    return str(group) if group else "group"
+
+
+def _group_name(value: Any) -> str:
+    return "(none)" if value is None else str(value)
+
+
+def costs_table(data: Any) -> str:
+    """`fabrik cost show`: one row per group, most expensive first, then the totals."""
+    rows = _cost_rows(data)
+    if not rows:
+        return "no costs recorded for these filters"
+    body = [
+        [
+            _group_name(row.get("group")),
+            format_money(row.get("llm_cost_usd")),
+            format_money(row.get("compute_cost_usd")),
+            format_money(row.get("storage_cost_usd")),
+            format_money(row.get("total_cost_usd")),
+            format_count(row.get("tokens")),
+            format_count(row.get("calls")),
+            format_count(row.get("runs")),
+        ]
+        for row in rows
+    ]
+    totals = data.get("totals") if isinstance(data, Mapping) else None
+    if isinstance(totals, Mapping):
+
+        def total(key: str) -> str:
+            values = [r.get(key) for r in rows]
+            return format_count(sum(v for v in values if isinstance(v, int) and not isinstance(v, bool)))
+
+        body.append(
+            [
+                "TOTAL",
+                format_money(totals.get("llm_cost_usd")),
+                format_money(totals.get("compute_cost_usd")),
+                format_money(totals.get("storage_cost_usd")),
+                format_money(totals.get("total_cost_usd")),
+                total("tokens"),
+                total("calls"),
+                # A run may fall in several groups (its models, its days): add up only by project.
+                total("runs") if _group_by(data) == "project" else NONE,
+            ]
+        )
+    table = render_table((_group_by(data).upper(), *COST_COLUMNS), body)
+    projects = data.get("projects") if isinstance(data, Mapping) else None
+    if isinstance(projects, list):
+        table += "\n\n(only project(s) " + ", ".join(str(p) for p in projects) + ")"
+    return table
+
+
+def costs_csv(data: Any) -> str:
+    """`fabrik cost export --csv`: a header row, then one row per group with the API's exact
+    amounts (no `$`, no rounding); a missing amount (compute and storage by model) is empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow((_group_by(data), *COST_CSV_COLUMNS))
+    for row in _cost_rows(data):
+        group = row.get("group")
+        writer.writerow(
+            [
+                "" if group is None else group,
+                *("" if row.get(k) is None else row.get(k) for k in COST_CSV_COLUMNS),
+            ]
+        )
+    return buffer.getvalue()
+
+
+BUDGET_COLUMNS = ("BUDGET", "KIND", "SPENT", "LIMIT", "USED", "PROJECTED", "LEVEL")
+
+
+def _budget_name(budget: Mapping[str, Any]) -> str:
+    return "global" if budget.get("scope") == "global" else text(budget.get("project"))
+
+
+def _budget_level(budget: Mapping[str, Any], line: Mapping[str, Any]) -> str:
+    level = text(line.get("level"))
+    if line.get("kind") == "llm" and budget.get("blocked"):
+        level += " (blocked)"
+    return level
+
+
+def _budget_lines(budget: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [line for kind in ("llm", "compute") if isinstance(line := budget.get(kind), Mapping)]
+
+
+def budgets_table(data: Any) -> str:
+    """`fabrik budget status`: per budget, its LLM line and its compute (and storage) line."""
+    budgets = data.get("budgets") if isinstance(data, Mapping) else None
+    items = [b for b in budgets if isinstance(b, Mapping)] if isinstance(budgets, list) else []
+    period = text(data.get("period")) if isinstance(data, Mapping) else NONE
+    if not items:
+        return f"no budgets ({period})"
+    rows = [
+        [
+            _budget_name(budget),
+            text(line.get("kind")),
+            format_money(line.get("spent_usd")),
+            format_money(line.get("limit_usd")),
+            format_percent(line.get("used")),
+            format_money(line.get("projected_usd")),
+            _budget_level(budget, line),
+        ]
+        for budget in items
+        for line in _budget_lines(budget)
+    ]
+    elapsed = items[0].get("elapsed_fraction")
+    return f"period {period} ({format_percent(elapsed)} elapsed)\n\n" + render_table(BUDGET_COLUMNS, rows)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def budget_set_summary(data: Any) -> str:
+    """`fabrik budget set`: what is stored now, and where this month stands against it."""
+    result: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
+    definition, status = _mapping(result.get("definition")), _mapping(result.get("status"))
+    name = (
+        "the global budget" if status.get("scope") == "global" else f"the budget of {status.get('project')}"
+    )
+    llm, compute = definition.get("llm_usd_per_month"), definition.get("compute_usd_per_month")
+    if llm is None and compute is None:
+        return f"{name} is removed"
+    limits = ", ".join(
+        f"{label} {format_money(limit)}/month" if limit is not None else f"{label} no limit"
+        for label, limit in (("LLM", llm), ("compute", compute))
+    )
+    lines = [f"{name}: {limits}; warning at {format_percent(definition.get('warning'))}"]
+    for line in _budget_lines(status):
+        if line.get("limit_usd") is None:
+            continue
+        lines.append(
+            f"  {status.get('period')} {line.get('kind')}: spent {format_money(line.get('spent_usd'))} "
+            f"({format_percent(line.get('used'))}), projected {format_money(line.get('projected_usd'))}, "
+            f"level {_budget_level(status, line)}"
+        )
+    return "\n".join(lines)
+
+
+def _section(title: str, headers: Sequence[str], rows: list[list[str]], empty: str) -> str:
+    if not rows:
+        return f"{title}: {empty}"
+    return render_table((title, *headers), rows)
+
+
+def _seconds_text(value: Any) -> str:
+    return format_duration(float(value)) if isinstance(value, int | float) else NONE
+
+
+def _bytes_text(value: Any) -> str:
+    return format_bytes(float(value)) if isinstance(value, int | float) else NONE
+
+
+def _rows_of(data: Mapping[str, Any], key: str, by: str | None = None) -> list[Mapping[str, Any]]:
+    value = data.get(key)
+    if by is not None:
+        value = value.get(by) if isinstance(value, Mapping) else None
+    return [r for r in value if isinstance(r, Mapping)] if isinstance(value, list) else []
+
+
+def insights_report(data: Any) -> str:
+    """`fabrik analytics insights`: one table per insight, each with its sample sizes."""
+    found: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
+    min_runs = found.get("min_runs")
+    small = f"no group with at least {min_runs} run(s)"
+    where = f"project {found['project']}" if found.get("project") else "every project"
+    parts = [
+        f"{where}: {format_count(found.get('runs'))} run(s), {format_count(found.get('decided_runs'))} "
+        f"decided; groups under {min_runs} decided run(s) are left out"
+    ]
+    for by in ("model", "spec", "project"):
+        rows = [
+            [
+                text(r.get("group")),
+                format_count(r.get("runs")),
+                format_count(r.get("successes")),
+                format_percent(r.get("success_rate")),
+                _interval(r),
+            ]
+            for r in _rows_of(found, "success_rate", by)
+        ]
+        parts.append(
+            _section(f"SUCCESS RATE BY {by.upper()}", ("RUNS", "SUCCESSES", "RATE", "95% CI"), rows, small)
+        )
+    for by in ("model", "spec", "project"):
+        rows = [
+            [
+                text(r.get("group")),
+                format_count(r.get("runs")),
+                _seconds_text(r.get("run_seconds_p95")),
+                _seconds_text(r.get("queue_seconds_p95")),
+            ]
+            for r in _rows_of(found, "durations_p95", by)
+        ]
+        parts.append(_section(f"P95 DURATION BY {by.upper()}", ("RUNS", "RUN", "QUEUE"), rows, small))
+    oom = [
+        [
+            text(r.get("spec")),
+            text(r.get("memory_limit")),
+            format_count(r.get("runs")),
+            format_count(r.get("oom_kills")),
+            format_percent(r.get("oom_rate")),
+            _interval(r),
+            _bytes_text(r.get("peak_p95_bytes")),
+            text(r.get("suggested_limit")),
+        ]
+        for r in _rows_of(found, "oom")
+    ]
+    parts.append(
+        _section(
+            "OOM BY SPEC",
+            ("MEMORY LIMIT", "RUNS", "KILLS", "RATE", "95% CI", "PEAK P95", "SUGGESTED"),
+            oom,
+            small,
+        )
+    )
+    for by in ("spec", "project"):
+        rows = [
+            [
+                text(r.get("group")),
+                format_count(r.get("runs")),
+                format_count(r.get("successes")),
+                format_money(r.get("total_cost_usd")),
+                format_money(r.get("cost_per_success_usd")),
+            ]
+            for r in _rows_of(found, "cost_per_success", by)
+        ]
+        parts.append(
+            _section(
+                f"COST PER SUCCESS BY {by.upper()}",
+                ("RUNS", "SUCCESSES", "TOTAL", "PER SUCCESS"),
+                rows,
+                small,
+            )
+        )
+    retried = [
+        [
+            text(r.get("run_id")),
+            text(r.get("project")),
+            text(r.get("spec")),
+            format_count(r.get("attempts")),
+            text(r.get("state")),
+            text(r.get("reason")),
+        ]
+        for r in _rows_of(found, "most_retried")
+    ]
+    parts.append(
+        _section(
+            f"MOST RETRIED ({format_count(found.get('retried_runs'))} retried)",
+            ("PROJECT", "SPEC", "ATTEMPTS", "STATE", "REASON"),
+            retried,
+            "no run needed more than one attempt",
+        )
+    )
+    failing = [
+        [
+            text(r.get("spec")),
+            format_count(r.get("runs")),
+            format_count(r.get("failures")),
+            format_percent(r.get("failure_rate")),
+            _interval(r),
+            ", ".join(f"{k} {v}" for k, v in r["reasons"].items())
+            if isinstance(r.get("reasons"), Mapping)
+            else NONE,
+        ]
+        for r in _rows_of(found, "failing_specs")
+    ]
+    parts.append(
+        _section(
+            "FAILING SPECS", ("RUNS", "FAILURES", "RATE", "95% CI", "REASONS"), failing, "no failing spec"
+        )
+    )
+    return "\n\n".join(parts)
+
+
+def rebuild_summary(data: Any) -> str:
+    result: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
+    seconds = result.get("seconds")
+    took = format_duration(float(seconds)) if isinstance(seconds, int | float) else NONE
+    return (
+        f"rebuilt the analytics store in {took}: {format_count(result.get('runs'))} run(s) and "
+        f"{format_count(result.get('llm_calls'))} LLM call(s) from {format_count(result.get('run_events'))} "
+        f"run event(s) and {format_count(result.get('usage_events'))} usage event(s)"
+    )

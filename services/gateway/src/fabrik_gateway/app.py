@@ -18,6 +18,7 @@ from fabrik_common.service import Service, run_service
 from fabrik_gateway import envs, models
 from fabrik_gateway.api import EnvsController, RunsController, SystemController, stream
 from fabrik_gateway.api.access import AccessController
+from fabrik_gateway.api.analytics import AnalyticsController
 from fabrik_gateway.api.webhooks_github import github_webhook_route
 from fabrik_gateway.api.webhooks_slack import slack_webhook
 from fabrik_gateway.audit import AuditTrail, audit_middleware
@@ -104,6 +105,7 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
             SystemController,
             EnvsController,
             AccessController,
+            AnalyticsController,
             *stream.route_handlers,
             github_webhook_route(github),
             slack_webhook,

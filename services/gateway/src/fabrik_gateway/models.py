@@ -328,3 +328,210 @@ class AuditPage(msgspec.Struct, kw_only=True):
     items: list[AuditItem]
     next_cursor: str | None
     """Pass as `after` to continue (the scan stopped there; later pages may still be empty)."""
+
+
+# ------------------------------------------------------------------- costs, budgets, analytics
+# Answers of the optimizer (`fabrik_common.optimizer_rpc`) as the API shows them: money is an exact
+# decimal string in USD (the optimizer sums integer nano-dollars), never a float.
+
+Money = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^-?[0-9]+(\.[0-9]+)?$",
+        description="USD as an exact decimal string (no exponent), e.g. `0.0151`",
+        examples=["0.0151"],
+    ),
+]
+CostGroupBy = Literal["project", "spec", "model", "day"]
+BudgetScopeName = Literal["global", "project"]
+BudgetLevel = Literal["none", "ok", "warning", "limit"]
+BudgetUsd = Annotated[float, msgspec.Meta(ge=0, le=1e12, description="USD per calendar month (UTC)")]
+BudgetWarning = Annotated[
+    float, msgspec.Meta(gt=0, lt=1, description="Warn at this share of the limit (0.8: at 80 %)")
+]
+
+
+class CostRow(msgspec.Struct, kw_only=True):
+    group: str | None
+    """The project, spec id, model or UTC day (`YYYY-MM-DD`); null: calls or runs without one."""
+    llm_cost_usd: Money
+    compute_cost_usd: Money | None
+    """Null when grouped by model (a run's node time is not split between the models it called)."""
+    storage_cost_usd: Money | None
+    total_cost_usd: Money
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    tokens: int
+    calls: int
+    runs: int
+    """Distinct runs with LLM calls in the group."""
+    compute_runs: int
+    """Runs whose compute and storage cost is counted in the group (finished in the range)."""
+
+
+class CostTotals(msgspec.Struct, kw_only=True):
+    llm_cost_usd: Money
+    compute_cost_usd: Money
+    storage_cost_usd: Money
+    total_cost_usd: Money
+
+
+class CostReport(msgspec.Struct, kw_only=True):
+    group_by: CostGroupBy
+    from_: datetime | None = msgspec.field(name="from")
+    to: datetime | None
+    projects: list[str] | None
+    """The projects counted: `[project]` when asked for one, the caller's projects when it sees only
+    some; null: every project (and calls without a project)."""
+    currency: Literal["USD"]
+    rows: list[CostRow]
+    """Most expensive first."""
+    totals: CostTotals
+    """Sums of `rows`."""
+
+
+class BudgetLine(msgspec.Struct, kw_only=True):
+    kind: Literal["llm", "compute"]
+    """`compute` counts compute and storage."""
+    limit_usd: float | None
+    warning_usd: float | None
+    spent_usd: Money
+    projected_usd: Money
+    """Linear projection to the end of the month: spent / elapsed fraction of the month."""
+    used: float | None
+    """spent / limit."""
+    level: BudgetLevel
+
+
+class BudgetStatus(msgspec.Struct, kw_only=True):
+    scope: BudgetScopeName
+    project: str | None
+    period: str
+    """`YYYY-MM` (UTC)."""
+    elapsed_fraction: float
+    warning: float
+    llm: BudgetLine
+    compute: BudgetLine
+    blocked: bool
+    """LLM calls of this project are refused by the llm-proxy (spent ≥ LLM limit)."""
+
+
+class BudgetList(msgspec.Struct, kw_only=True):
+    period: str
+    budgets: list[BudgetStatus]
+
+
+class PutBudgetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    scope: BudgetScopeName
+    project: DnsLabel | None = None
+    """Required for `scope: project`, not allowed for `scope: global`."""
+    llm_usd_per_month: BudgetUsd | None = None
+    compute_usd_per_month: BudgetUsd | None = None
+    """Compute and storage together. Neither limit: the budget is removed."""
+    warning: BudgetWarning = 0.8
+
+
+class BudgetDefinition(msgspec.Struct, kw_only=True):
+    llm_usd_per_month: float | None
+    compute_usd_per_month: float | None
+    warning: float
+    updated_by: str | None
+    updated_at: datetime | None
+
+
+class BudgetSet(msgspec.Struct, kw_only=True):
+    definition: BudgetDefinition
+    """As stored (`llm_usd_per_month` and `compute_usd_per_month` both null: removed)."""
+    status: BudgetStatus
+    """Against the current month."""
+
+
+class SuccessRateRow(msgspec.Struct, kw_only=True):
+    group: str
+    runs: int
+    successes: int
+    success_rate: float
+    ci95_low: float
+    ci95_high: float
+    """Wilson score interval, 95 %."""
+
+
+class DurationRow(msgspec.Struct, kw_only=True):
+    group: str
+    runs: int
+    run_seconds_p95: float
+    queue_runs: int
+    queue_seconds_p95: float | None
+
+
+class OomRow(msgspec.Struct, kw_only=True):
+    spec: str
+    memory_limit: str
+    memory_limit_bytes: int | None
+    runs: int
+    oom_kills: int
+    oom_rate: float
+    ci95_low: float
+    ci95_high: float
+    peaks: int
+    peak_p95_bytes: int | None
+    headroom: float
+    suggested_limit_bytes: int | None
+    """p95 of the observed peaks * `headroom`, rounded up to 64 MiB."""
+    suggested_limit: str | None
+
+
+class CostPerSuccessRow(msgspec.Struct, kw_only=True):
+    group: str
+    runs: int
+    successes: int
+    total_cost_usd: Money
+    cost_per_success_usd: Money | None
+    """Null when nothing succeeded."""
+
+
+class RetriedRun(msgspec.Struct, kw_only=True):
+    run_id: str
+    project: str | None
+    spec: str | None
+    attempts: int
+    state: str | None
+    reason: str | None
+
+
+class FailingSpecRow(msgspec.Struct, kw_only=True):
+    spec: str
+    runs: int
+    failures: int
+    failure_rate: float
+    ci95_low: float
+    ci95_high: float
+    reasons: dict[str, int]
+
+
+class Insights(msgspec.Struct, kw_only=True):
+    project: str | None
+    """The project the insights are about; null: every project."""
+    min_runs: int
+    """Groups with fewer decided runs are left out."""
+    runs: int
+    decided_runs: int
+    success_rate: dict[str, list[SuccessRateRow]]
+    """By `model`, `spec` and `project`."""
+    durations_p95: dict[str, list[DurationRow]]
+    oom: list[OomRow]
+    cost_per_success: dict[str, list[CostPerSuccessRow]]
+    """By `spec` and `project`."""
+    most_retried: list[RetriedRun]
+    retried_runs: int
+    failing_specs: list[FailingSpecRow]
+
+
+class RebuildResult(msgspec.Struct, kw_only=True):
+    run_events: int
+    usage_events: int
+    runs: int
+    llm_calls: int
+    seconds: float

@@ -82,6 +82,12 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     audit_max_limit: PositiveInt = 1000
     audit_max_scan: PositiveInt = 20000
     """Most audit events one `GET /audit` reads while filtering; `next_cursor` continues."""
+    # Costs, budgets and analytics: requests to the optimizer (docs/costs-and-analytics.md)
+    optimizer_timeout_seconds: PositiveFloat = 35.0
+    """How long a cost, budget or insight request waits for the optimizer's answer (a little longer
+    than the optimizer's own `FABRIK_RPC_TIMEOUT_SECONDS`, so that a slow query gets its 503)."""
+    optimizer_rebuild_timeout_seconds: PositiveFloat = 900.0
+    """How long `POST /analytics/rebuild` waits for the rebuild to finish."""
     # Live stream (docs/api.md#live-stream)
     stream_queue_size: PositiveInt = 1000
     """Events one live-stream subscriber may have unsent; past it, it is dropped (close reason
