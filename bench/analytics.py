@@ -1,21 +1,34 @@
 """The optimizer's analytics store: ingest rate of run and usage events, latency of cost and insight queries.
 
-    uv run python bench/analytics.py [--events 1000000] [--live-events 100000] [--no-nats] [--repeat 3]
+    uv run python bench/analytics.py [--events 1000000] [--live-events 100000] [--baseline-seconds 20]
+                                     [--no-nats] [--repeat 3]
 
 1. A generated history of `--events` events (default 1,000,000): runs of 7 run events each
    (requested, queued, dispatched, started, running, finished, terminal state; 12 % of them resumed
    once more) and 3 LLM usage events per run, over three months, 8 specs, 5 projects, 3 models;
-   encoded as they are on the wire. Generation is not timed.
-2. **ingest, batched**: decode + fold + write of every event into a fresh SQLite store, committed
-   every 2,000 events — what a rebuild does per fetched batch. Events/s.
-3. **ingest, commit per event**: the same for the first `--live-events` events with one commit
-   per event — what a live consumer does before it acks. Events/s.
-4. **replay from JetStream** (unless `--no-nats`): all events published to a local nats-server
-   (temporary store, free ports; publish rate printed for information), then `replay_into`: the
-   rebuild path end to end (fetch, decode, fold, write). Events/s.
-5. **queries** on the full store: `costs` by project, spec, model and day (all time, and one
-   month), every insight (`insights()`), a month's budget spend — each `--repeat` times, median
-   and worst latency in ms.
+   encoded as they are on the wire. Generation is not timed; the generated events are then kept
+   out of the garbage collector's way (`gc.freeze()`), as a service holds no such list.
+2. In this process, without NATS, the store's own rates (decode + fold + write):
+   - **rebuild batches**: every event, `apply_events` per `rebuild.BATCH` events into a file opened
+     as a rebuild opens it (`bulk`: no syncs until it is finished);
+   - **live, group commit**: the first `--live-events` events, `apply_events` per
+     `handlers.BATCH` events into a WAL store (one commit per batch, as the live handlers do);
+   - **live, commit per event** (baseline, the former live path): the same events with one commit
+     per event.
+3. Unless `--no-nats`, against a local nats-server (temporary store, free ports), every event
+   published with the headers `Bus.publish` sets (rate printed for information), then:
+   - **live consumers**: the optimizer's own subscribers (`handlers.router`: batch subscribers,
+     group commit, ack after commit) in a `ConsumerGroup` on a `Bus`, over a fresh WAL store,
+     from their first fetch until both durable consumers have nothing pending and nothing unacked;
+   - **former live consumers** (baseline, in the same run): per-message subscribers on the six
+     folded run subjects and the usage subject with one commit per event, as `handlers.py` was
+     before group commit, for `--baseline-seconds`;
+   - **replay (rebuild path)**: `replay_into` into a bulk store, as `Rebuilder` does.
+   Events/s, and the CPU time of this process per event.
+4. **Queries** on the rebuilt store, reopened as the service opens it (WAL): `costs` by project,
+   spec, model and day (all time, one month, one project), `insights()` (every insight, as the
+   insights request answers), `insights()` of one project, a month's budget spend — each
+   `--repeat` times, median and worst latency in ms.
 
 Figures are printed, never asserted; a non-zero exit means the benchmark itself broke (e.g. the
 store does not hold what was ingested).
@@ -25,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -37,11 +51,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from fabrik_common.bus import EVENT_TYPE, MSG_ID, Bus, BusOptions, ConsumerGroup, Context, Router
 from fabrik_common.codec import decode_any, encode
 from fabrik_common.events import (
     LlmUsage,
     Resources,
     RunDispatched,
+    RunEvent,
     RunFinished,
     RunParameters,
     RunRequested,
@@ -49,18 +67,29 @@ from fabrik_common.events import (
     RunStateChanged,
 )
 from fabrik_common.ids import new_ulid
+from fabrik_common.metrics import BusMetrics
 from fabrik_common.natsserver import NatsServer, free_port
-from fabrik_optimizer.analytics import queries
-from fabrik_optimizer.analytics.ingest import Costing, apply_llm_usage, apply_run_event
+from fabrik_common.topology import ensure_topology
+from fabrik_common.tracing import TRACEPARENT
+from fabrik_optimizer import handlers
+from fabrik_optimizer.analytics import queries, rebuild
+from fabrik_optimizer.analytics.ingest import (
+    RUN_SUBJECTS,
+    Costing,
+    apply_events,
+    apply_llm_usage,
+    apply_run_event,
+)
 from fabrik_optimizer.analytics.store import AnalyticsStore
 from fabrik_optimizer.budgets import month_bounds
 from fabrik_optimizer.prices import PriceBook, default_node_price_file
+from fabrik_optimizer.state import OptimizerState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SPECS = [f"spec-{i}" for i in range(8)]
 PROJECTS = [f"project-{i}" for i in range(5)]
 MODELS = ["gpt-5", "claude-sonnet-4-5", "gpt-5-mini"]
-BATCH = 2000
+TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def generate(n_events: int, seed: int = 1) -> list[tuple[str, bytes]]:
@@ -169,57 +198,139 @@ def generate(n_events: int, seed: int = 1) -> list[tuple[str, bytes]]:
     return out[:n_events]
 
 
-def fold(store: AnalyticsStore, costing: Costing, payload: bytes) -> None:
-    event = decode_any(payload)
-    if isinstance(event, LlmUsage):
-        apply_llm_usage(store, event)
-    else:
-        apply_run_event(store, event, costing)  # type: ignore[arg-type]
+def rate(count: int, started: float, cpu_started: float) -> str:
+    elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+    return f"{count / elapsed:,.0f} events/s ({cpu / count * 1e6:.0f} µs CPU per event here)"
 
 
-def ingest(store: AnalyticsStore, costing: Costing, events: list[tuple[str, bytes]], batched: bool) -> float:
+def ingest_batches(store: AnalyticsStore, costing: Costing, events: list[Any], batch: int) -> str:
+    started, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(events), batch):
+        applied = apply_events(store, [decode_any(payload) for _, payload in events[i : i + batch]], costing)
+        if applied.failed:
+            raise RuntimeError(f"events not applied: {applied.failed}")
+    return rate(len(events), started, cpu)
+
+
+def ingest_one_by_one(store: AnalyticsStore, costing: Costing, events: list[Any]) -> str:
+    started, cpu = time.perf_counter(), time.process_time()
+    for _, payload in events:
+        event = decode_any(payload)
+        if isinstance(event, LlmUsage):
+            apply_llm_usage(store, event)
+        else:
+            apply_run_event(store, event, costing)  # type: ignore[arg-type]
+    return rate(len(events), started, cpu)
+
+
+async def publish(bus: Bus, events: list[tuple[str, bytes]]) -> float:
+    """Every event with the headers `Bus.publish` sets, 5,000 acks in flight."""
     started = time.perf_counter()
-    if batched:
-        for i in range(0, len(events), BATCH):
-            with store.batch():
-                for _, payload in events[i : i + BATCH]:
-                    fold(store, costing, payload)
-    else:
-        for _, payload in events:
-            fold(store, costing, payload)
+    window = 5000
+    for i in range(0, len(events), window):
+        futures = []
+        for subject, payload in events[i : i + window]:
+            headers = {MSG_ID: new_ulid(), EVENT_TYPE: "bench", TRACEPARENT: TRACE}
+            futures.append(await bus.js.publish_async(subject, payload, headers=headers))
+        await asyncio.gather(*futures)
     return len(events) / (time.perf_counter() - started)
 
 
-async def replay(
-    url: str, events: list[tuple[str, bytes]], db: Path, costing: Costing
-) -> tuple[float, float, int]:
-    import nats
+async def drained(bus: Bus, consumers: list[tuple[str, str]]) -> bool:
+    for stream, durable in consumers:
+        info = await bus.js.consumer_info(stream, durable)
+        if info.num_pending or info.num_ack_pending:
+            return False
+    return True
 
-    from fabrik_common.topology import ensure_topology
-    from fabrik_optimizer.analytics.rebuild import replay_into
 
-    nc = await nats.connect(url)
+async def live_consumers(bus: Bus, store: AnalyticsStore, costing: Costing, total: int) -> str:
+    """The optimizer's subscribers, from the first fetch until every event is applied and acked."""
+    state = OptimizerState(store, costing)
+    group: ConsumerGroup[OptimizerState] = ConsumerGroup(bus, handlers.router.subscribers, state)
+    consumers = [(s.stream.name, s.durable) for s in handlers.router.subscribers]
+    started, cpu = time.perf_counter(), time.process_time()
+    await group.start()
     try:
-        js = nc.jetstream(timeout=30)
-        await ensure_topology(js)
-        started = time.perf_counter()
-        window = 5000
-        for i in range(0, len(events), window):
-            futures = [
-                await js.publish_async(subject, payload) for subject, payload in events[i : i + window]
-            ]
-            await asyncio.gather(*futures)
-        publish_rate = len(events) / (time.perf_counter() - started)
-        store = AnalyticsStore(db)
-        try:
-            started = time.perf_counter()
-            counts = await replay_into(js, store, costing)
-            rate = (counts.run_events + counts.usage_events) / (time.perf_counter() - started)
-            return publish_rate, rate, counts.run_events + counts.usage_events
-        finally:
-            store.close()
+        while True:
+            if await drained(bus, consumers):
+                return rate(total, started, cpu)
+            await asyncio.sleep(0.1)
     finally:
-        await nc.close()
+        await group.stop(grace=5)
+
+
+async def former_consumers(bus: Bus, store: AnalyticsStore, costing: Costing, seconds: float) -> str:
+    """handlers.py before group commit: one message at a time, a commit per event, then the ack;
+    the run consumer filtered on the six folded subjects."""
+    state = OptimizerState(store, costing)
+    handled = 0
+    router = Router()
+
+    @router.subscriber(*RUN_SUBJECTS, durable="bench-former-runs", max_deliver=10, batch=256)
+    async def on_run_event(event: RunEvent, ctx: Context[OptimizerState]) -> None:
+        nonlocal handled
+        async with ctx.state.write_lock:
+            apply_run_event(ctx.state.store, event, ctx.state.costing)
+        handled += 1
+
+    @router.subscriber("fabrik.llm.usage", durable="bench-former-usage", max_deliver=10, batch=256)
+    async def on_llm_usage(event: LlmUsage, ctx: Context[OptimizerState]) -> None:
+        nonlocal handled
+        async with ctx.state.write_lock:
+            apply_llm_usage(ctx.state.store, event)
+        handled += 1
+
+    group: ConsumerGroup[OptimizerState] = ConsumerGroup(bus, router.subscribers, state)
+    started, cpu = time.perf_counter(), time.process_time()
+    await group.start()
+    try:
+        await asyncio.sleep(seconds)
+        return rate(max(handled, 1), started, cpu) + f" over {handled:,} events"
+    finally:
+        await group.stop(grace=5)
+
+
+async def through_nats(
+    url: str, events: list[tuple[str, bytes]], tmp: Path, costing: Costing, baseline_seconds: float
+) -> int:
+    bus = Bus(BusOptions(url=url, publish_timeout=30), BusMetrics(CollectorRegistry()))
+    await bus.connect()
+    try:
+        await ensure_topology(bus.js)
+        publish_rate = await publish(bus, events)
+        print(f"publish to JetStream (with the headers Bus.publish sets): {publish_rate:,.0f} events/s")
+
+        store = AnalyticsStore(tmp / "live.db")
+        figure = await live_consumers(bus, store, costing, len(events))
+        counts = store.counts()
+        store.close()
+        print(f"live consumers (group commit of {handlers.BATCH:,}, ack after commit): {figure}", flush=True)
+
+        store = AnalyticsStore(tmp / "former.db")
+        figure = await former_consumers(bus, store, costing, baseline_seconds)
+        store.close()
+        print(f"former live consumers (commit per event; baseline): {figure}", flush=True)
+
+        store = AnalyticsStore(tmp / "replay.db", bulk=True)
+        started, cpu = time.perf_counter(), time.process_time()
+        replayed = await rebuild.replay_into(bus.js, store, costing)
+        total = replayed.run_events + replayed.usage_events
+        figure = rate(total, started, cpu)
+        store.finish()
+        print(
+            f"replay from JetStream (rebuild path, {rebuild.BATCH:,} per transaction): {figure}", flush=True
+        )
+        expected_runs = sum(1 for subject, _ in events if subject.startswith("fabrik.runs.requested."))
+        if counts[0] != expected_runs or total != len(events):
+            print(
+                f"live store {counts}, replayed {total}: expected {expected_runs} runs, {len(events)} events"
+            )
+            return 1
+        return 0
+    finally:
+        await bus.close()
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
@@ -237,73 +348,78 @@ def main() -> int:
     )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--live-events", type=int, default=100_000)
+    parser.add_argument("--baseline-seconds", type=float, default=20.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-nats", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    price_file = default_node_price_file()
-    costing = Costing(prices=PriceBook.load(price_file), node_type="cx32")
+    logging.basicConfig(level=logging.ERROR)
+    costing = Costing(prices=PriceBook.load(default_node_price_file()), node_type="cx32")
 
     started = time.perf_counter()
     events = generate(args.events)
+    gc.collect()
+    gc.freeze()
     runs = sum(1 for subject, _ in events if subject.startswith("fabrik.runs.requested."))
     usages = sum(1 for subject, _ in events if subject == "fabrik.llm.usage")
     print(
         f"generated {len(events):,} events ({runs:,} runs, {usages:,} usage events) "
-        f"in {time.perf_counter() - started:.1f} s",
+        f"in {time.perf_counter() - started:.1f} s; load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="fabrik-bench-analytics-") as tmp:
-        db = Path(tmp) / "analytics.db"
-        store = AnalyticsStore(db)
-        rate = ingest(store, costing, events, batched=True)
-        print(f"ingest, batched ({BATCH:,} per commit): {rate:,.0f} events/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fabrik-bench-analytics-") as tmp_name:
+        tmp = Path(tmp_name)
+        db = tmp / "analytics.db"
+        store = AnalyticsStore(db, bulk=True)
+        figure = ingest_batches(store, costing, events, rebuild.BATCH)
+        store.finish()
+        print(f"store, rebuild batches ({rebuild.BATCH:,} per transaction): {figure}", flush=True)
+
+        live = events[: args.live_events]
+        store = AnalyticsStore(tmp / "group.db")
+        figure = ingest_batches(store, costing, live, handlers.BATCH)
+        store.close()
+        print(f"store, live group commit ({handlers.BATCH:,} per commit, {len(live):,} events): {figure}")
+        store = AnalyticsStore(tmp / "one-by-one.db")
+        figure = ingest_one_by_one(store, costing, live)
+        store.close()
+        print(f"store, live commit per event (baseline, {len(live):,} events): {figure}", flush=True)
+
+        store = AnalyticsStore(db)  # as the service opens it (WAL), after a rebuild
         n_runs, n_calls = store.counts()
         if (n_runs, n_calls) != (runs, usages):
             print(f"store holds {n_runs} runs / {n_calls} calls, expected {runs} / {usages}", file=sys.stderr)
             return 1
 
-        live = AnalyticsStore(Path(tmp) / "live.db")
-        rate = ingest(live, costing, events[: args.live_events], batched=False)
-        live.close()
-        print(f"ingest, commit per event ({args.live_events:,} events): {rate:,.0f} events/s", flush=True)
-
         if not args.no_nats:
-            server = NatsServer(Path(tmp) / "nats", port=free_port(), monitor_port=free_port())
+            server = NatsServer(tmp / "nats", port=free_port(), monitor_port=free_port())
             server.start()
             try:
-                publish_rate, rate, replayed = asyncio.run(
-                    replay(server.url, events, Path(tmp) / "replay.db", costing)
-                )
+                if asyncio.run(through_nats(server.url, events, tmp, costing, args.baseline_seconds)):
+                    return 1
             finally:
                 server.stop()
-            if replayed != len(events):
-                print(f"replayed {replayed} events, expected {len(events)}", file=sys.stderr)
-                return 1
-            print(f"publish to JetStream: {publish_rate:,.0f} events/s (for information)")
-            print(f"replay from JetStream (rebuild path): {rate:,.0f} events/s", flush=True)
 
-        march = month_bounds("2026-02")
+        february = month_bounds("2026-02")
         checks: list[tuple[str, Callable[[], Any]]] = [
             *[
                 (f"costs by {g}", lambda g=g: queries.costs(store, g))
                 for g in ("project", "spec", "model", "day")
             ],  # type: ignore[misc]
             *[
-                (f"costs by {g}, one month", lambda g=g: queries.costs(store, g, *march))
+                (f"costs by {g}, one month", lambda g=g: queries.costs(store, g, *february))
                 for g in ("project", "day")
             ],  # type: ignore[misc]
             ("costs by project, one project", lambda: queries.costs(store, "project", project="project-1")),
             ("insights (all)", lambda: queries.insights(store, 20, 10)),
             ("insights, one project", lambda: queries.insights(store, 20, 10, "project-1")),
-            ("budget spend, one month", lambda: queries.spend(store, *march)),
+            ("budget spend, one month", lambda: queries.spend(store, *february)),
         ]
         print(f"queries over {n_runs:,} runs and {n_calls:,} calls (median / worst of {args.repeat}, ms):")
         for name, fn in checks:
             median, worst = timed(fn, args.repeat)
             print(f"  {name:<32} {median:8.1f} / {worst:8.1f}")
         store.close()
-        size = sum(f.stat().st_size for f in Path(tmp).glob("analytics.db*"))
+        size = sum(f.stat().st_size for f in tmp.glob("analytics.db*"))
         print(f"store size: {size / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
     return 0
 

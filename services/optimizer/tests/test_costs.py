@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -112,6 +113,32 @@ def test_price_change_mid_run_applies_from_valid_from(prices: PriceBook) -> None
         prices.compute_cost_nanos("n4", "4", "1Gi", at("2025-12-31T23:00"), at("2026-01-01T01:00"))
         == 50_000_000
     )
+
+
+def test_the_one_price_shortcut_gives_the_exact_value(prices: PriceBook) -> None:
+    """An attempt under one price is computed in integers; it must equal the Fraction path."""
+    rng = random.Random(11)
+    timeline = prices._nodes["n4"]
+    checked = 0
+    for _ in range(3000):
+        start = at("2025-12-20T00:00") + timedelta(
+            seconds=rng.randrange(120 * 86400), microseconds=rng.randrange(10**6)
+        )
+        end = start + timedelta(seconds=rng.randrange(0, 3 * 86400), microseconds=rng.randrange(10**6))
+        cpu, memory = rng.choice(["1", "500m", "3", "7", None]), rng.choice(["1Gi", "3G", "777Mi", None])
+        share = prices.share("n4", cpu, memory)
+        assert share is not None
+        total, _ = timeline.integrate_hours(start, end)
+        assert prices.compute_cost_nanos("n4", cpu, memory, start, end) == to_nanos(total * share)
+        checked += timeline.only_price(start, end) is not None
+    assert checked > 2000  # most took the shortcut; the others crossed a price change or its start
+    # Ties go to even, as round() of a Fraction: half the usd-node (0.1 USD/h) costs 1/72 n$ per µs.
+    start = at("2026-03-02T12:00")
+    node = ("usd-node", "1", "2Gi")
+    assert prices.compute_cost_nanos(*node, start, start + timedelta(microseconds=36)) == 0  # 0.5
+    assert prices.compute_cost_nanos(*node, start, start + timedelta(microseconds=108)) == 2  # 1.5
+    assert prices.compute_cost_nanos(*node, start, start + timedelta(microseconds=90)) == 1  # 1.25
+    assert prices.compute_cost_nanos(*node, start, start + timedelta(microseconds=270)) == 4  # 3.75
 
 
 def test_storage_is_size_times_retention(prices: PriceBook) -> None:

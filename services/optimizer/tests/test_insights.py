@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from fabrik_common.events import (
@@ -24,9 +25,18 @@ from fabrik_common.events import (
     RunStateChanged,
 )
 from fabrik_common.ids import new_ulid
-from fabrik_optimizer.analytics.ingest import Costing, apply_llm_usage, apply_run_event
-from fabrik_optimizer.analytics.queries import insights
-from fabrik_optimizer.analytics.store import AnalyticsStore
+from fabrik_optimizer.analytics.ingest import Costing, apply_llm_usage, apply_run_event, llm_call_row
+from fabrik_optimizer.analytics.queries import (
+    cost_per_success,
+    duration_p95,
+    failing_specs,
+    insights,
+    most_retried,
+    oom_rates,
+    population,
+    success_rate,
+)
+from fabrik_optimizer.analytics.store import RUN_COLUMNS, AnalyticsStore
 from fabrik_optimizer.prices import PriceBook
 
 N_RUNS = 10_000
@@ -197,7 +207,7 @@ def run_cost_nanos(run: Run) -> int:
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def history_store(tmp_path_factory: pytest.TempPathFactory) -> Any:
     runs = generate()
     path = Path(tmp_path_factory.mktemp("insights")) / "nodes.json"
     path.write_text(
@@ -213,8 +223,14 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Any:
                     apply_llm_usage(store, event)
                 else:
                     apply_run_event(store, event, costing)
-    yield runs, insights(store, min_runs=20, top=10)
+    yield runs, store
     store.close()
+
+
+@pytest.fixture(scope="module")
+def history(history_store: Any) -> Any:
+    runs, store = history_store
+    return runs, insights(store, min_runs=20, top=10)
 
 
 def test_population(history: Any) -> None:
@@ -358,3 +374,136 @@ def test_most_retried_and_failing_specs(history: Any) -> None:
     ]
     assert got == expected[:10]
     assert got[0][0] == "spec-0"  # the spec built to fail most
+
+
+# ------------------------------------------------------------------------------------------------
+# insights() in one scan = the insights one by one
+
+
+def insights_one_by_one(
+    store: AnalyticsStore, min_runs: int = 20, top: int = 10, project: str | None = None
+) -> dict[str, Any]:
+    """What `insights()` answered before it scanned once: every insight's own query."""
+    runs, decided = population(store, project)
+    retried, retried_count = most_retried(store, top, project)
+    groups = ("model", "spec", "project")
+    return {
+        "min_runs": min_runs,
+        "runs": runs,
+        "decided_runs": decided,
+        "success_rate": {by: success_rate(store, by, min_runs, project) for by in groups},  # type: ignore[arg-type]
+        "durations_p95": {by: duration_p95(store, by, min_runs, project) for by in groups},  # type: ignore[arg-type]
+        "oom": oom_rates(store, min_runs, project),
+        "cost_per_success": {
+            "spec": cost_per_success(store, "spec", min_runs, project),
+            "project": cost_per_success(store, "project", min_runs, project),
+        },
+        "most_retried": retried,
+        "retried_runs": retried_count,
+        "failing_specs": failing_specs(store, min_runs, top, project),
+    }
+
+
+@pytest.mark.parametrize(
+    ("min_runs", "top", "project"),
+    [(20, 10, None), (1, 3, None), (400, 1, None), (20, 10, "beta"), (1, 50, "gamma")],
+)
+def test_insights_in_one_scan_equal_the_queries_one_by_one(
+    history_store: Any, min_runs: int, top: int, project: str | None
+) -> None:
+    _, store = history_store
+    found = insights(store, min_runs, top, project)
+    assert found == insights_one_by_one(store, min_runs, top, project)
+    assert msgspec.json.encode(found) == msgspec.json.encode(
+        insights_one_by_one(store, min_runs, top, project)
+    )
+
+
+def test_insights_in_one_scan_on_the_odd_cases(tmp_path: Path) -> None:
+    """Runs without spec, project or memory limit, with several models or none, still running,
+    cancelled, of unknown states, retried; calls of runs the store does not know."""
+    rng = random.Random(7)
+    store = AnalyticsStore(tmp_path / "odd.db")
+    try:
+        with store.batch():
+            for _ in range(400):
+                rid = new_ulid()
+                spec = rng.choice(["s1", "s2", None])
+                project = rng.choice(["p1", "p2", None])
+                limit = rng.choice(["1Gi", "512Mi", None])
+                state = rng.choice(
+                    ["succeeded", "failed", "timed_out", "budget_exceeded", "cancelled", "running"]
+                )
+                reason = rng.choice([None, "oom_killed", "exit 1"]) if state != "succeeded" else None
+                attempts = rng.choice([1, 1, 2, 3])
+                row: dict[str, Any] = dict.fromkeys(RUN_COLUMNS)
+                finished = state != "running"
+                row.update(
+                    run_id=rid,
+                    project=project,
+                    spec_id=spec,
+                    memory_limit=limit,
+                    state=state,
+                    reason=reason,
+                    attempts=attempts,
+                    run_seconds=float(rng.randrange(1, 500)) if finished else None,
+                    queue_seconds=float(rng.randrange(0, 50)) if finished and rng.random() < 0.9 else None,
+                    peak_memory_bytes=rng.randrange(2**20, 2**31)
+                    if finished and rng.random() < 0.9
+                    else None,
+                    compute_cost_nanos=rng.randrange(0, 10**6) if finished else None,
+                    storage_cost_nanos=rng.choice([None, 5000]),
+                )
+                store.put_run(row)
+                for model in rng.sample(["m1", "m2", "m3"], rng.choice([0, 1, 1, 2, 3])):
+                    store.put_llm_call(
+                        llm_call_row(
+                            LlmUsage(
+                                call_id=new_ulid(),
+                                run_id=rid,
+                                project=project,
+                                key_id="k",
+                                endpoint="chat.completions",
+                                model=model,
+                                provider="p",
+                                deployment="d",
+                                upstream_model=model,
+                                streamed=False,
+                                cost_usd=rng.randrange(1, 1000) / 1e6,
+                                latency_ms=1.0,
+                                outcome="ok",
+                            )
+                        )
+                    )
+            for _ in range(5):  # calls of runs the store does not know
+                store.put_llm_call(
+                    llm_call_row(
+                        LlmUsage(
+                            call_id=new_ulid(),
+                            run_id=new_ulid(),
+                            key_id="k",
+                            endpoint="chat.completions",
+                            model="m1",
+                            provider="p",
+                            deployment="d",
+                            upstream_model="m1",
+                            streamed=False,
+                            latency_ms=1.0,
+                            outcome="ok",
+                        )
+                    )
+                )
+        for min_runs, top, project in [
+            (1, 10, None),
+            (10, 5, None),
+            (30, 2, None),
+            (1, 100, "p1"),
+            (5, 0, "p2"),
+        ]:
+            assert insights(store, min_runs, top, project) == insights_one_by_one(
+                store, min_runs, top, project
+            )
+        found = insights(store, 1, 10)
+        assert {r["model"] for r in found["success_rate"]["model"]} == {"m1", "m2", "m3"}
+    finally:
+        store.close()

@@ -40,6 +40,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NANOS_PER_USD = 1_000_000_000
 HOURS_PER_MONTH = 730  # the storage price is per GiB-month; a month is 730 hours (8760 / 12)
 GIB = 1024**3
+MICROS_PER_HOUR = 3_600_000_000
+_MEMO_LIMIT = 4096  # entries per result memo of a PriceBook (emptied when full)
 
 
 class PriceError(ValueError):
@@ -154,6 +156,17 @@ class _Timeline:
         i = bisect.bisect_right(self.starts, when)
         return self.prices[i - 1] if i else None
 
+    def index_at(self, when: datetime) -> int:
+        """The number of prices valid from `when` or earlier (0: none yet)."""
+        return bisect.bisect_right(self.starts, when)
+
+    def only_price(self, start: datetime, end: datetime) -> Fraction | None:
+        """The price of all of [start, end) when one price covers it, else None (unpriced or split)."""
+        i = bisect.bisect_right(self.starts, start)
+        if i == 0 or (i < len(self.starts) and self.starts[i] < end):
+            return None
+        return self.prices[i - 1]
+
     def integrate_hours(self, start: datetime, end: datetime) -> tuple[Fraction, Fraction]:
         """Σ price * hours over [start, end), and the hours without a price."""
         total = Fraction(0)
@@ -172,10 +185,22 @@ class _Timeline:
         return total, unpriced
 
 
-def _hours(start: datetime, end: datetime) -> Fraction:
+def _micros(start: datetime, end: datetime) -> int:
     delta = end - start
-    micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-    return Fraction(micros, 3_600_000_000)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _hours(start: datetime, end: datetime) -> Fraction:
+    return Fraction(_micros(start, end), MICROS_PER_HOUR)
+
+
+def _round_half_even(numerator: int, denominator: int) -> int:
+    """numerator / denominator (denominator > 0) rounded half to even, like round() of a Fraction."""
+    quotient, remainder = divmod(numerator, denominator)
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2 == 1):
+        quotient += 1
+    return quotient
 
 
 class PriceBook:
@@ -189,6 +214,16 @@ class PriceBook:
         self._nodes: dict[str, _Timeline] = {}
         self._storage = _Timeline()
         self._warned: set[str] = set()
+        # Results by their inputs: a run's cost is asked for again by every event after its end,
+        # and most runs share a few resource requests. Emptied whenever a price or capacity changes.
+        self._shares: dict[tuple[str, str | None, str | None], Fraction | None] = {}
+        self._compute: dict[tuple[str, str | None, str | None, datetime, datetime], int | None] = {}
+        self._storage_costs: dict[tuple[int, int], tuple[Fraction | float, int]] = {}
+
+    def _changed(self) -> None:
+        self._shares.clear()
+        self._compute.clear()
+        self._storage_costs.clear()
 
     # -- building ---------------------------------------------------------------------------
 
@@ -229,6 +264,7 @@ class PriceBook:
         return Fraction(_decimal(amount)) * Fraction(rate)
 
     def set_capacity(self, node_type: str, cores: float | Fraction, memory_gib: float | Fraction) -> None:
+        self._changed()
         self.capacity[node_type] = NodeCapacity(
             Fraction(_decimal(cores)) if isinstance(cores, float) else Fraction(cores),
             (Fraction(_decimal(memory_gib)) if isinstance(memory_gib, float) else Fraction(memory_gib)) * GIB,
@@ -237,14 +273,17 @@ class PriceBook:
     def add_node_price(
         self, node_type: str, valid_from: datetime, hourly: float | Decimal, currency: str
     ) -> None:
+        self._changed()
         self._nodes.setdefault(node_type, _Timeline()).add(valid_from, self.to_usd(hourly, currency))
 
     def add_storage_price(self, valid_from: datetime, per_gb_month: float | Decimal, currency: str) -> None:
+        self._changed()
         self._storage.add(valid_from, self.to_usd(per_gb_month, currency))
 
     def merge_hcloud(self, fetched: Mapping[str, HcloudNodeType], currency: str, now: datetime) -> list[str]:
         """Add fetched Hetzner prices (see the module doc); the node types whose price changed."""
         changed: list[str] = []
+        self._changed()
         for name, node in fetched.items():
             self.set_capacity(name, Fraction(_decimal(node.cores)), Fraction(_decimal(node.memory_gib)))
             price = self.to_usd(node.hourly, currency)
@@ -268,12 +307,22 @@ class PriceBook:
 
     def share(self, node_type: str, cpu_request: str | None, memory_request: str | None) -> Fraction | None:
         """The dominant share of the node: max(cpu / cores, memory / node memory), at most 1."""
+        key = (node_type, cpu_request, memory_request)
+        try:
+            return self._shares[key]
+        except KeyError:
+            pass
         capacity = self.capacity.get(node_type)
         if capacity is None:
-            return None
-        cpu = parse_quantity(cpu_request) or Fraction(0)
-        memory = parse_quantity(memory_request) or Fraction(0)
-        return min(Fraction(1), max(cpu / capacity.cores, memory / capacity.memory_bytes))
+            share = None
+        else:
+            cpu = parse_quantity(cpu_request) or Fraction(0)
+            memory = parse_quantity(memory_request) or Fraction(0)
+            share = min(Fraction(1), max(cpu / capacity.cores, memory / capacity.memory_bytes))
+        if len(self._shares) >= _MEMO_LIMIT:
+            self._shares.clear()
+        self._shares[key] = share
+        return share
 
     def compute_cost_nanos(
         self,
@@ -287,6 +336,25 @@ class PriceBook:
 
         None when the node type is unknown or has no price at all; hours before its first price
         cost nothing (logged once per node type)."""
+        key = (node_type, cpu_request, memory_request, start, end)
+        try:
+            return self._compute[key]
+        except KeyError:
+            pass
+        cost = self._compute_cost_nanos(node_type, cpu_request, memory_request, start, end)
+        if len(self._compute) >= _MEMO_LIMIT:
+            self._compute.clear()
+        self._compute[key] = cost
+        return cost
+
+    def _compute_cost_nanos(
+        self,
+        node_type: str,
+        cpu_request: str | None,
+        memory_request: str | None,
+        start: datetime,
+        end: datetime,
+    ) -> int | None:
         timeline = self._nodes.get(node_type)
         share = self.share(node_type, cpu_request, memory_request)
         if timeline is None or share is None:
@@ -294,6 +362,14 @@ class PriceBook:
             return None
         if end <= start:
             return 0
+        price = timeline.only_price(start, end)
+        if price is not None:
+            # One price for the whole attempt (the usual case): the same exact value as below,
+            # in integers, without a Fraction per step.
+            return _round_half_even(
+                price.numerator * share.numerator * _micros(start, end) * NANOS_PER_USD,
+                price.denominator * share.denominator * MICROS_PER_HOUR,
+            )
         total, unpriced = timeline.integrate_hours(start, end)
         if unpriced:
             self._warn(node_type, "run time before the node type's first price; that time costs 0")
@@ -301,11 +377,20 @@ class PriceBook:
 
     def storage_cost_nanos(self, size_bytes: int, hours: Fraction | float, when: datetime) -> int:
         """size (GiB) * retention (hours) * the storage price in force at `when` (per GiB-month)."""
-        price = self._storage.at(when)
-        if price is None or size_bytes <= 0:
+        index = self._storage.index_at(when)
+        if index == 0 or size_bytes <= 0:
             return 0
+        # Memo by price segment; the hours are compared, not hashed (hashing a Fraction is slow).
+        known = self._storage_costs.get((size_bytes, index))
+        if known is not None and (known[0] is hours or known[0] == hours):
+            return known[1]
+        price = self._storage.prices[index - 1]
         hours_f = hours if isinstance(hours, Fraction) else Fraction(_decimal(hours))
-        return to_nanos(Fraction(size_bytes, GIB) * hours_f * price / HOURS_PER_MONTH)
+        cost = to_nanos(Fraction(size_bytes, GIB) * hours_f * price / HOURS_PER_MONTH)
+        if len(self._storage_costs) >= _MEMO_LIMIT:
+            self._storage_costs.clear()
+        self._storage_costs[(size_bytes, index)] = (hours, cost)
+        return cost
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -9,7 +9,9 @@ an attempt keep their first value, and the peak memory only grows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -29,6 +31,14 @@ from fabrik_optimizer.analytics.store import RUN_COLUMNS, AnalyticsStore, iso, p
 from fabrik_optimizer.prices import PriceBook
 
 # The run events the store folds; every other RunEvent is accepted and ignored.
+FOLDED_EVENTS: tuple[type[Any], ...] = (
+    RunRequested,
+    RunQueued,
+    RunDispatched,
+    RunStateChanged,
+    RunStarted,
+    RunFinished,
+)
 RUN_SUBJECTS: tuple[str, ...] = (
     "fabrik.runs.requested.*",
     "fabrik.runs.queued.*",
@@ -186,6 +196,8 @@ def fold_run_event(row: dict[str, Any], event: RunEvent, costing: Costing | None
 
 def apply_run_event(store: AnalyticsStore, event: RunEvent, costing: Costing | None = None) -> bool:
     """Fold a run event into its row in the store; True when the store was written."""
+    if not isinstance(event, FOLDED_EVENTS):
+        return False  # progress, results, requests to cancel...: nothing for the store
     row = store.get_run(event.run_id) or _empty_run(event.run_id)
     if not fold_run_event(row, event, costing):
         return False
@@ -216,3 +228,64 @@ def llm_call_row(event: LlmUsage) -> dict[str, Any]:
 def apply_llm_usage(store: AnalyticsStore, event: LlmUsage) -> None:
     """Record one LLM call (upsert by call_id: a redelivered usage event is stored once)."""
     store.put_llm_call(llm_call_row(event))
+
+
+@dataclass
+class Applied:
+    """What `apply_events` did: how many events changed the store, and the events that failed."""
+
+    changed: int = 0
+    failed: dict[int, Exception] = field(default_factory=dict)
+    """Index in the batch → why that event could not be applied (the others are committed)."""
+
+
+def _fold_all(
+    store: AnalyticsStore, events: Sequence[RunEvent | LlmUsage], costing: Costing | None
+) -> Applied:
+    applied = Applied()
+    for index, event in enumerate(events):
+        try:
+            if isinstance(event, LlmUsage):
+                apply_llm_usage(store, event)
+                applied.changed += 1
+            elif apply_run_event(store, event, costing):
+                applied.changed += 1
+        except sqlite3.OperationalError:
+            raise  # the database, not the event
+        except Exception as exc:  # noqa: BLE001 - reported per event: the rest of the batch goes on
+            applied.failed[index] = exc
+    return applied
+
+
+def apply_events(
+    store: AnalyticsStore, events: Sequence[RunEvent | LlmUsage], costing: Costing | None = None
+) -> Applied:
+    """Apply a batch of events in one transaction: one commit for all of them (group commit).
+
+    An event that fails to fold is reported in `Applied.failed` and leaves the store as it was
+    before it; the others are committed. When the commit itself fails on the data (a value the
+    database refuses), the batch is rolled back and applied again one event per transaction, so
+    that only the offending events fail. `sqlite3.OperationalError` (the database is locked,
+    the disk is full or unwritable) is raised with nothing of the batch committed: all of it can
+    be tried again. Idempotent like the single-event functions: a batch applied twice (a
+    redelivery) leaves the same rows."""
+    try:
+        with store.batch():
+            return _fold_all(store, events, costing)
+    except sqlite3.OperationalError:
+        raise
+    except Exception:  # noqa: BLE001 - the commit refused some row: find it, one event at a time
+        result = Applied()
+        for index, event in enumerate(events):
+            try:
+                with store.batch():
+                    single = _fold_all(store, [event], costing)
+            except sqlite3.OperationalError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this event's row cannot be written
+                result.failed[index] = exc
+                continue
+            result.changed += single.changed
+            if single.failed:
+                result.failed[index] = single.failed[0]
+        return result

@@ -1,21 +1,30 @@
 """Rebuilding the analytics store from the streams: replay RUNS and LLM from their first message.
 
-`replay_into(js, store, costing)` reads the run subjects of RUNS and `fabrik.llm.usage` of LLM
-with ephemeral pull consumers (no acks, memory storage) up to each stream's last sequence at the
-start — or a given one — and folds every event with the same functions as the live consumers,
-committing in batches. Since folding is idempotent and order-tolerant, the result equals the
-store built incrementally from the same events.
+`replay_into(js, store, costing)` reads the run subjects of RUNS and `fabrik.llm.usage` of LLM up
+to each stream's last sequence at the start — or a given one — and applies every event with the
+same function as the live consumers (`apply_events`: one transaction per batch of `BATCH`
+events). Since folding is idempotent and order-tolerant, the result equals the store built
+incrementally from the same events.
+
+Each subject is read with an ephemeral pull consumer without acks (memory storage) and pull
+requests of `BATCH` messages on a plain subscription (`_Reader`): the next batch is asked for
+before the current one is applied, so the server sends it meanwhile, and no more than two batches
+are ever held. (nats-py's ordered push consumer waited for each message with a task and a timer
+of its own, which cost about as much as folding the event; its callback form has no flow control,
+so a fast server would fill the client's memory.) A gap in the consumer's sequence (messages lost
+on a reconnect) recreates the consumer after the last message read.
 
 `Rebuilder` (used by the service) replays into a fresh file beside the live one while the live
-consumers go on writing the old store, then, holding the write lock (live handlers wait), replays
-what arrived meanwhile and swaps the new file in. Events the live consumers deliver again after
-the swap change nothing (idempotent).
+consumers go on writing the old store, then, holding the write lock (live handlers wait),
+replays what arrived meanwhile and swaps the new file in. Events the live consumers deliver again
+after the swap change nothing (idempotent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -26,18 +35,21 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from fabrik_common.codec import EventCodec, EventDecodeError
 from fabrik_common.events import LlmUsage, RunEvent
 from fabrik_common.topology import LLM, RUNS
-from fabrik_optimizer.analytics.ingest import RUN_SUBJECTS, Costing, apply_llm_usage, apply_run_event
+from fabrik_optimizer.analytics.ingest import RUN_SUBJECTS, Costing, apply_events
 from fabrik_optimizer.analytics.store import AnalyticsStore
 
 log = logging.getLogger(__name__)
 
 BATCH = 2000
-IDLE_SECONDS = 1.0
+"""Events per pull request and per transaction."""
+IDLE_SECONDS = 5.0
+"""A pull request the server has not answered for this long is given up and asked again."""
 _FOLDED_KINDS = frozenset(s.split(".")[2] for s in RUN_SUBJECTS)
 _run_codec: EventCodec[RunEvent] = EventCodec(RunEvent)
 _usage_codec: EventCodec[LlmUsage] = EventCodec(LlmUsage)
@@ -59,19 +71,146 @@ async def last_sequence(js: JetStreamContext, stream: str) -> int:
     return int(info.state.last_seq or 0)
 
 
+class _Reader:
+    """One subject of a stream, in stream order from a start sequence, a batch at a time."""
+
+    def __init__(self, js: JetStreamContext, stream: str, subject: str, start: int) -> None:
+        self._js = js
+        self._nc = js._nc
+        self._stream = stream
+        self._subject = subject
+        self._next = start
+        """The first stream sequence not read yet."""
+        self._consumer = ""
+        self._consumer_seq = 0
+        self._inbox = self._nc.new_inbox()
+        self._sub: Any = None
+        self._buffer: list[Msg] = []
+        self._wake = asyncio.Event()
+        self._requests = 0
+        self._open: str | None = None
+        self._remaining = 0
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        await self._create()
+
+    async def close(self) -> None:
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
+            if self._sub is not None:
+                await self._sub.unsubscribe()
+            if self._consumer:
+                await self._js.delete_consumer(self._stream, self._consumer)
+
+    async def _create(self) -> None:
+        if self._consumer:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
+                await self._js.delete_consumer(self._stream, self._consumer)
+        info = await self._js.add_consumer(
+            self._stream,
+            api.ConsumerConfig(
+                ack_policy=api.AckPolicy.NONE,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self._next,
+                filter_subject=self._subject,
+                mem_storage=True,
+                num_replicas=1,
+                inactive_threshold=60.0,
+            ),
+        )
+        self._consumer, self._consumer_seq = info.name, 0
+        self._buffer.clear()
+        self._open = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers and not msg.data and api.Header.STATUS in headers:
+            if headers[api.Header.STATUS] != "100" and msg.subject == self._open:
+                self._open = None  # 404: nothing more; 408/409: the request ended
+                self._wake.set()
+            return
+        self._buffer.append(msg)
+        if self._open is not None:
+            self._remaining -= 1
+            if self._remaining <= 0:
+                self._open = None
+                self._wake.set()
+
+    async def _ask(self, count: int) -> None:
+        self._requests += 1
+        reply = f"{self._inbox}.{self._requests}"
+        self._open, self._remaining = reply, count
+        body = json.dumps({"batch": count, "no_wait": True}).encode()
+        await self._nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{self._consumer}", body, reply=reply
+        )
+
+    async def _settled(self) -> bool:
+        """Until the open request ends; False when it went unanswered (it is given up)."""
+        deadline = time.monotonic() + IDLE_SECONDS
+        while self._open is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._open = None
+                return False
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+        return True
+
+    async def read(self, count: int) -> list[tuple[int, Msg]]:
+        """Up to `count` (stream sequence, message) pairs in order; empty when the consumer has
+        nothing more. The next batch is asked for before returning."""
+        while True:
+            if self._open is None and len(self._buffer) < count:
+                await self._ask(count - len(self._buffer))
+            answered = await self._settled()
+            taken = self._buffer[:count]
+            del self._buffer[:count]
+            batch: list[tuple[int, Msg]] = []
+            for msg in taken:
+                consumer, consumer_seq, stream_seq = _positions(msg)
+                if consumer != self._consumer:
+                    continue  # late, from a consumer given up on
+                if consumer_seq != self._consumer_seq + 1:
+                    break  # a gap: messages were lost
+                self._consumer_seq = consumer_seq
+                self._next = stream_seq + 1
+                batch.append((stream_seq, msg))
+            if len(batch) < len(taken) or (not batch and not answered):
+                # Messages lost (a reconnect), or a request unanswered: start again after the last
+                # message read, keeping what was read in order.
+                log.info("replay consumer recreated", extra={"stream": self._stream, "next": self._next})
+                await self._create()
+                if not batch:
+                    continue
+            if len(batch) == count and self._open is None:
+                await self._ask(count)
+            return batch
+
+
+def _positions(msg: Msg) -> tuple[str, int, int]:
+    """(consumer, consumer sequence, stream sequence) from a JetStream message's reply subject."""
+    tokens = msg.reply.split(".")
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
+    if len(tokens) == 9:
+        return tokens[3], int(tokens[6]), int(tokens[5])
+    meta = msg.metadata
+    return meta.consumer, meta.sequence.consumer, meta.sequence.stream
+
+
 async def _replay_stream(
     js: JetStreamContext,
     stream: str,
     subject: str,
     start: int,
     end: int,
-    handle: Callable[[str, bytes], bool],
+    decode: Callable[[str, bytes], Any],
     store: AnalyticsStore,
+    costing: Costing | None,
 ) -> tuple[int, int]:
-    """Feed messages of `subject` with sequence in [start, end] to `handle`; (handled, skipped).
-
-    An ordered push consumer (flow-controlled, no acks, recreated by the client on a gap) is
-    used: nats-py's pull `fetch` returned partial batches after waiting for its timeout here."""
+    """Apply the events of `subject` with sequence in [start, end]; (applied, skipped). `decode`
+    gives the event of a message, or None for one that carries nothing for the store."""
     try:
         last = await js.get_last_msg(stream, subject)
     except nats.js.errors.NotFoundError:
@@ -79,43 +218,57 @@ async def _replay_stream(
     end = min(end, int(last.seq or 0))
     if end < start:
         return 0, 0
-    sub = await js.subscribe(
-        subject,
-        stream=stream,
-        ordered_consumer=True,
-        config=api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start,
-            mem_storage=True,
-        ),
-    )
+    reader = _Reader(js, stream, subject, start)
+    await reader.start()
     handled = skipped = 0
     try:
         done = False
         while not done:
-            with store.batch():
-                for _ in range(BATCH):
-                    try:
-                        msg = await sub.next_msg(timeout=IDLE_SECONDS)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        done = True  # nothing more of this subject in the stream
-                        break
-                    seq = msg.metadata.sequence.stream
-                    if seq > end:
-                        done = True
-                        break
-                    if handle(msg.subject, msg.data):
-                        handled += 1
-                    else:
-                        skipped += 1
-                    if seq >= end:
-                        done = True
-                        break
+            batch = await reader.read(BATCH)
+            if not batch:
+                break  # nothing more of this subject in the stream
+            events = []
+            for seq, msg in batch:
+                if seq > end:
+                    done = True
+                    break
+                event = decode(msg.subject, msg.data)
+                if event is None:
+                    skipped += 1
+                else:
+                    events.append(event)
+                if seq >= end:
+                    done = True
+                    break
+            applied = apply_events(store, events, costing)
+            if applied.failed:
+                error = next(iter(applied.failed.values()))
+                log.warning(
+                    "events not applied in a replay",
+                    extra={"stream": stream, "events": len(applied.failed), "first_error": repr(error)},
+                )
+                skipped += len(applied.failed)
+            handled += len(events) - len(applied.failed)
             await asyncio.sleep(0)  # let live handlers and requests run between batches
     finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        await reader.close()
     return handled, skipped
+
+
+def _run_event(subject: str, data: bytes) -> RunEvent | None:
+    if subject.split(".")[2] not in _FOLDED_KINDS:
+        return None  # progress, results, requests to cancel...: nothing for the store
+    try:
+        return _run_codec.decode(data)
+    except EventDecodeError:
+        return None  # the live consumer dead-lettered it; nothing to fold
+
+
+def _usage_event(subject: str, data: bytes) -> LlmUsage | None:
+    try:
+        return _usage_codec.decode(data)
+    except EventDecodeError:
+        return None
 
 
 async def replay_into(
@@ -132,31 +285,12 @@ async def replay_into(
     counts = ReplayCounts()
     counts.runs_end = runs_end if runs_end is not None else await last_sequence(js, RUNS.name)
     counts.llm_end = llm_end if llm_end is not None else await last_sequence(js, LLM.name)
-
-    def on_run(subject: str, data: bytes) -> bool:
-        if subject.split(".")[2] not in _FOLDED_KINDS:
-            return False  # progress, results, requests to cancel...: nothing for the store
-        try:
-            event = _run_codec.decode(data)
-        except EventDecodeError:
-            return False  # the live consumer dead-lettered it; nothing to fold
-        apply_run_event(store, event, costing)
-        return True
-
-    def on_usage(subject: str, data: bytes) -> bool:
-        try:
-            event = _usage_codec.decode(data)
-        except EventDecodeError:
-            return False
-        apply_llm_usage(store, event)
-        return True
-
     handled, skipped = await _replay_stream(
-        js, RUNS.name, "fabrik.runs.>", runs_from, counts.runs_end, on_run, store
+        js, RUNS.name, "fabrik.runs.>", runs_from, counts.runs_end, _run_event, store, costing
     )
     counts.run_events, counts.skipped = handled, skipped
     handled, skipped = await _replay_stream(
-        js, LLM.name, "fabrik.llm.usage", llm_from, counts.llm_end, on_usage, store
+        js, LLM.name, "fabrik.llm.usage", llm_from, counts.llm_end, _usage_event, store, costing
     )
     counts.usage_events, counts.skipped = handled, counts.skipped + skipped
     return counts
@@ -200,7 +334,7 @@ class Rebuilder:
             target = ":memory:" if in_memory else f"{live.path}.rebuild"
             if not in_memory:
                 remove_database(Path(target))
-            fresh = AnalyticsStore(target)
+            fresh = AnalyticsStore(target, bulk=not in_memory)
             try:
                 first = await replay_into(self.js, fresh, self.costing)
                 async with self.lock:
@@ -215,8 +349,7 @@ class Rebuilder:
                         self._set(fresh)
                         live.close()
                     else:
-                        fresh.checkpoint()
-                        fresh.close()
+                        fresh.finish()
                         live.close()
                         remove_database(Path(live.path))
                         os.replace(target, live.path)

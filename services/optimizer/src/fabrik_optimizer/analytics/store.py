@@ -13,6 +13,9 @@ PostgreSQL driver's, and `AnalyticsStore.sql()` is the single place to translate
 from __future__ import annotations
 
 import contextlib
+import json
+import operator
+import os
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -125,10 +128,13 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS llm_calls_run ON llm_calls (run_id)",
     "CREATE INDEX IF NOT EXISTS llm_calls_occurred ON llm_calls (occurred_at)",
     # Derived from llm_calls at ingest, per run: what insights need without scanning every call.
+    # `models` is the run's `run_models` as a JSON array (sorted), so that all insights come from
+    # one scan of runs joined with run_llm.
     """CREATE TABLE IF NOT EXISTS run_llm (
         run_id TEXT PRIMARY KEY,
         llm_cost_nanos BIGINT NOT NULL,
-        calls BIGINT NOT NULL
+        calls BIGINT NOT NULL,
+        models TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS run_models (
         run_id TEXT NOT NULL,
@@ -139,16 +145,16 @@ SCHEMA: tuple[str, ...] = (
 )
 # Bumped whenever a table changes: a store of another version is emptied at open and must be
 # rebuilt from the streams (`AnalyticsStore.reset` tells the service to do so).
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 TABLES: tuple[str, ...] = ("runs", "llm_calls", "run_llm", "run_models", "analytics_meta")
 _RUN_LLM_CHUNK = 500
 
 
 def iso(ts: datetime) -> str:
     """A timestamp as sortable ISO-8601 UTC text (naive times are taken as UTC)."""
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).isoformat(timespec="microseconds")
+    if ts.tzinfo is not UTC:  # decoded event times are already UTC
+        ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    return ts.isoformat(timespec="microseconds")
 
 
 def parse_iso(text: str) -> datetime:
@@ -172,6 +178,23 @@ def _upsert(table: str, columns: Sequence[str], key: str) -> str:
 
 _UPSERT_RUN = _upsert("runs", RUN_COLUMNS, "run_id")
 _UPSERT_CALL = _upsert("llm_calls", LLM_CALL_COLUMNS, "call_id")
+_UPSERT_RUN_LLM = _upsert("run_llm", ("run_id", "llm_cost_nanos", "calls", "models"), "run_id")
+_run_values = operator.itemgetter(*RUN_COLUMNS)
+_call_values = operator.itemgetter(*LLM_CALL_COLUMNS)
+
+
+def _values(row: dict[str, Any], getter: operator.itemgetter[Any], columns: Sequence[str]) -> tuple[Any, ...]:
+    """A row's values in column order (a missing column is NULL)."""
+    try:
+        return tuple(getter(row))
+    except KeyError:
+        return tuple(row.get(c) for c in columns)
+
+
+# The writer folds the WAL into the database file every 10,000 pages (40 MiB) rather than SQLite's
+# 1,000: a row rewritten by many commits in between is copied once, and the checkpoint's fsync is
+# paid a tenth as often (group commit: about a third less time per event at 1,000,000 events).
+WRITER_PRAGMAS: tuple[str, ...] = ("PRAGMA wal_autocheckpoint=10000",)
 
 
 class AnalyticsStore:
@@ -185,15 +208,23 @@ class AnalyticsStore:
     cached (LRU) so that folding an event does not read the row back from the database.
     """
 
-    def __init__(self, path: str | Path, *, cache_size: int = 20_000) -> None:
+    def __init__(self, path: str | Path, *, cache_size: int = 20_000, bulk: bool = False) -> None:
         self.path = str(path)
+        self.bulk = bulk and self.path != ":memory:"
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path)
         self.conn.row_factory = sqlite3.Row
-        if self.path != ":memory:":
+        if self.bulk:
+            # A store being rebuilt, thrown away if the process dies meanwhile: the rollback
+            # journal in memory (a failed batch still rolls back) and no syncs, until `finish()`.
+            self.conn.execute("PRAGMA journal_mode=MEMORY")
+            self.conn.execute("PRAGMA synchronous=OFF")
+        elif self.path != ":memory:":
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
+            for pragma in WRITER_PRAGMAS:
+                self.conn.execute(pragma)
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._cache_size = cache_size
         self._batch_depth = 0
@@ -262,20 +293,20 @@ class AnalyticsStore:
 
     def _flush(self) -> None:
         if self._pending_runs:
-            rows = [tuple(row.get(c) for c in RUN_COLUMNS) for row in self._pending_runs.values()]
+            rows = [_values(row, _run_values, RUN_COLUMNS) for row in self._pending_runs.values()]
             self._pending_runs.clear()
             self.conn.executemany(self.sql(_UPSERT_RUN), rows)
         if self._pending_calls:
             calls = list(self._pending_calls.values())
             self._pending_calls.clear()
             self.conn.executemany(
-                self.sql(_UPSERT_CALL), [tuple(r.get(c) for c in LLM_CALL_COLUMNS) for r in calls]
+                self.sql(_UPSERT_CALL), [_values(r, _call_values, LLM_CALL_COLUMNS) for r in calls]
             )
             self._derive_run_llm(calls)
 
     def _derive_run_llm(self, calls: Sequence[dict[str, Any]]) -> None:
-        """Recompute `run_llm` of the calls' runs from `llm_calls` (so a redelivered call is not
-        counted twice) and record their models in `run_models`."""
+        """Record the calls' models in `run_models` and recompute `run_llm` of their runs from
+        `llm_calls` and `run_models` (so a redelivered call is not counted twice)."""
         run_ids = sorted({r["run_id"] for r in calls if r.get("run_id")})
         if not run_ids:
             return
@@ -288,14 +319,23 @@ class AnalyticsStore:
         for i in range(0, len(run_ids), _RUN_LLM_CHUNK):
             chunk = run_ids[i : i + _RUN_LLM_CHUNK]
             marks = ", ".join("?" for _ in chunk)
-            statement = (
-                "INSERT INTO run_llm (run_id, llm_cost_nanos, calls) "  # noqa: S608 - only markers joined in
-                "SELECT run_id, SUM(cost_nanos), COUNT(*) FROM llm_calls WHERE run_id IN (" + marks + ") "
-                "GROUP BY run_id "
-                "ON CONFLICT (run_id) DO UPDATE SET llm_cost_nanos = excluded.llm_cost_nanos, "
-                "calls = excluded.calls"
+            models: dict[str, list[str]] = {}
+            for run_id, model in self.conn.execute(
+                self.sql(f"SELECT run_id, model FROM run_models WHERE run_id IN ({marks})"),  # noqa: S608
+                chunk,
+            ):
+                models.setdefault(run_id, []).append(model)
+            sums = self.conn.execute(
+                self.sql(
+                    "SELECT run_id, SUM(cost_nanos), COUNT(*) FROM llm_calls "  # noqa: S608 - markers only
+                    f"WHERE run_id IN ({marks}) GROUP BY run_id"
+                ),
+                chunk,
+            ).fetchall()
+            self.conn.executemany(
+                self.sql(_UPSERT_RUN_LLM),
+                [(run_id, cost, n, json.dumps(sorted(models.get(run_id, ())))) for run_id, cost, n in sums],
             )
-            self.conn.execute(self.sql(statement), chunk)
 
     @staticmethod
     def sql(statement: str) -> str:
@@ -320,6 +360,7 @@ class AnalyticsStore:
             return self
         reader = AnalyticsStore.__new__(AnalyticsStore)
         reader.path = self.path
+        reader.bulk = False
         reader.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         reader.conn.row_factory = sqlite3.Row
         reader._cache = OrderedDict()
@@ -332,8 +373,20 @@ class AnalyticsStore:
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file (before the file is moved)."""
-        if self.path != ":memory:":
+        if self.path != ":memory:" and not self.bulk:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def finish(self) -> None:
+        """Close the store with everything on disk (the file can then be moved): a checkpoint, or
+        for a bulk store an fsync of the file. A bulk store reopened without `bulk` is a WAL store."""
+        self.checkpoint()
+        self.close()
+        if self.bulk:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # -- runs ------------------------------------------------------------------------------
 
@@ -349,16 +402,20 @@ class AnalyticsStore:
         return dict(row) if row is not None else None
 
     def put_run(self, row: dict[str, Any]) -> None:
+        """Write a run row (upsert). The store keeps `row` itself: do not change it afterwards
+        (`get_run` hands out copies)."""
+        run_id = row["run_id"]
         if self._batch_depth:
-            self._pending_runs[row["run_id"]] = dict(row)
+            self._pending_runs[run_id] = row
         else:
             with self.transaction():
-                self.conn.execute(self.sql(_UPSERT_RUN), tuple(row.get(c) for c in RUN_COLUMNS))
+                self.conn.execute(self.sql(_UPSERT_RUN), _values(row, _run_values, RUN_COLUMNS))
         if self._cache_size:
-            self._cache[row["run_id"]] = dict(row)
-            self._cache.move_to_end(row["run_id"])
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            cache = self._cache
+            cache[run_id] = row
+            cache.move_to_end(run_id)
+            if len(cache) > self._cache_size:
+                cache.popitem(last=False)
 
     def runs(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM runs ORDER BY run_id")
@@ -370,7 +427,7 @@ class AnalyticsStore:
             self._pending_calls[row["call_id"]] = row
             return
         with self.transaction():
-            self.conn.execute(self.sql(_UPSERT_CALL), tuple(row.get(c) for c in LLM_CALL_COLUMNS))
+            self.conn.execute(self.sql(_UPSERT_CALL), _values(row, _call_values, LLM_CALL_COLUMNS))
             self._derive_run_llm([row])
 
     def llm_calls(self) -> list[dict[str, Any]]:
