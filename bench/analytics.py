@@ -23,12 +23,16 @@
    - **former live consumers** (baseline, in the same run): per-message subscribers on the six
      folded run subjects and the usage subject with one commit per event, as `handlers.py` was
      before group commit, for `--baseline-seconds`;
-   - **replay (rebuild path)**: `replay_into` into a bulk store, as `Rebuilder` does.
+   - **replay (rebuild path)**: `replay_into` into a bulk store, as `Rebuilder` does;
+   - **former replay** (baseline, in the same run): RUNS read as the rebuild read it before (an
+     ordered push consumer, one `next_msg` per message, a commit per 2,000 events into a WAL
+     store), for `--baseline-seconds`.
    Events/s, and the CPU time of this process per event.
 4. **Queries** on the rebuilt store, reopened as the service opens it (WAL): `costs` by project,
    spec, model and day (all time, one month, one project), `insights()` (every insight, as the
-   insights request answers), `insights()` of one project, a month's budget spend — each
-   `--repeat` times, median and worst latency in ms.
+   insights request answers) and, as a baseline, the same insights one query per insight and group
+   (as `insights()` computed them before its single scan), `insights()` of one project, a month's
+   budget spend — each `--repeat` times, median and worst latency in ms.
 
 Figures are printed, never asserted; a non-zero exit means the benchmark itself broke (e.g. the
 store does not hold what was ingested).
@@ -51,6 +55,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+from nats.js import api
 from prometheus_client import CollectorRegistry
 
 from fabrik_common.bus import EVENT_TYPE, MSG_ID, Bus, BusOptions, ConsumerGroup, Context, Router
@@ -69,7 +75,7 @@ from fabrik_common.events import (
 from fabrik_common.ids import new_ulid
 from fabrik_common.metrics import BusMetrics
 from fabrik_common.natsserver import NatsServer, free_port
-from fabrik_common.topology import ensure_topology
+from fabrik_common.topology import RUNS, ensure_topology
 from fabrik_common.tracing import TRACEPARENT
 from fabrik_optimizer import handlers
 from fabrik_optimizer.analytics import queries, rebuild
@@ -292,6 +298,40 @@ async def former_consumers(bus: Bus, store: AnalyticsStore, costing: Costing, se
         await group.stop(grace=5)
 
 
+async def former_replay(bus: Bus, store: AnalyticsStore, costing: Costing, seconds: float) -> str:
+    """The rebuild's former read of RUNS (baseline): an ordered push consumer, one `next_msg`
+    per message, folded one event at a time and committed every 2,000, for `seconds`."""
+    sub = await bus.js.subscribe(
+        "fabrik.runs.>",
+        stream=RUNS.name,
+        ordered_consumer=True,
+        config=api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=1, mem_storage=True
+        ),
+    )
+    handled = 0
+    started, cpu = time.perf_counter(), time.process_time()
+    done = False
+    try:
+        while not done and time.perf_counter() - started < seconds:
+            with store.batch():
+                for _ in range(2000):
+                    try:
+                        msg = await sub.next_msg(timeout=1.0)
+                    except nats.errors.TimeoutError:
+                        done = True  # the whole stream read
+                        break
+                    event = decode_any(msg.data)
+                    apply_run_event(store, event, costing)  # type: ignore[arg-type]
+                    handled += 1
+            await asyncio.sleep(0)
+        if done:
+            started += 1.0  # not the last wait, for a message after the end of the stream
+        return rate(handled, started, cpu) + f" over {handled:,} events"
+    finally:
+        await sub.unsubscribe()
+
+
 async def through_nats(
     url: str, events: list[tuple[str, bytes]], tmp: Path, costing: Costing, baseline_seconds: float
 ) -> int:
@@ -322,6 +362,11 @@ async def through_nats(
         print(
             f"replay from JetStream (rebuild path, {rebuild.BATCH:,} per transaction): {figure}", flush=True
         )
+
+        store = AnalyticsStore(tmp / "former-replay.db")
+        figure = await former_replay(bus, store, costing, baseline_seconds)
+        store.close()
+        print(f"former replay (ordered push consumer, next_msg per message; baseline): {figure}", flush=True)
         expected_runs = sum(1 for subject, _ in events if subject.startswith("fabrik.runs.requested."))
         if counts[0] != expected_runs or total != len(events):
             print(
@@ -331,6 +376,21 @@ async def through_nats(
         return 0
     finally:
         await bus.close()
+
+
+def insights_query_by_query(store: AnalyticsStore, min_runs: int, top: int) -> dict[str, Any]:
+    """How `insights()` answered before its single scan (baseline): one query per insight and group."""
+    retried, retried_count = queries.most_retried(store, top)
+    groups: tuple[Any, ...] = ("model", "spec", "project")
+    return {
+        "population": queries.population(store),
+        "success_rate": {by: queries.success_rate(store, by, min_runs) for by in groups},
+        "durations_p95": {by: queries.duration_p95(store, by, min_runs) for by in groups},
+        "oom": queries.oom_rates(store, min_runs),
+        "cost_per_success": {by: queries.cost_per_success(store, by, min_runs) for by in ("spec", "project")},
+        "most_retried": (retried, retried_count),
+        "failing_specs": queries.failing_specs(store, min_runs, top),
+    }
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
@@ -411,13 +471,14 @@ def main() -> int:
             ],  # type: ignore[misc]
             ("costs by project, one project", lambda: queries.costs(store, "project", project="project-1")),
             ("insights (all)", lambda: queries.insights(store, 20, 10)),
+            ("insights, query by query (former)", lambda: insights_query_by_query(store, 20, 10)),
             ("insights, one project", lambda: queries.insights(store, 20, 10, "project-1")),
             ("budget spend, one month", lambda: queries.spend(store, *february)),
         ]
         print(f"queries over {n_runs:,} runs and {n_calls:,} calls (median / worst of {args.repeat}, ms):")
         for name, fn in checks:
             median, worst = timed(fn, args.repeat)
-            print(f"  {name:<32} {median:8.1f} / {worst:8.1f}")
+            print(f"  {name:<34} {median:8.1f} / {worst:8.1f}")
         store.close()
         size = sum(f.stat().st_size for f in tmp.glob("analytics.db*"))
         print(f"store size: {size / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.2f}")

@@ -382,8 +382,10 @@ class Router:
         handler that commits before it returns never has a message acked before its data is
         durable. When it raises, every message of the batch is nak'ed with the backoff of its own
         delivery count (or dead-lettered at its last allowed delivery). While it runs, the batch
-        gets in-progress acks. The next batch is requested before the handler starts, so that the
-        server sends it meanwhile: `max_ack_pending` must leave room for two batches."""
+        gets in-progress acks. After a full batch, the next one is requested before the handler
+        starts, so that the server sends it meanwhile: `max_ack_pending` must leave room for two
+        batches. Messages are fetched with pull requests on a plain subscription rather than
+        nats-py's `fetch`, which spends a task and a timer on every message."""
         if not subjects:
             raise ValueError("a subscriber needs at least one subject")
         if batch < 1 or max_ack_pending < 2 * batch:

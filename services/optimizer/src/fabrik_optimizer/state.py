@@ -17,7 +17,7 @@ class OptimizerState:
     book: BudgetBook = field(default_factory=BudgetBook)
     monitor: BudgetMonitor | None = None
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Held while an event is folded into the store, and by a rebuild while it swaps stores."""
+    """Held while a batch of events is applied to the store, and by a rebuild while it swaps stores."""
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the store changed since the last budget evaluation."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)

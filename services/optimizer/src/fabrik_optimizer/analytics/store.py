@@ -193,7 +193,7 @@ def _values(row: dict[str, Any], getter: operator.itemgetter[Any], columns: Sequ
 
 # The writer folds the WAL into the database file every 10,000 pages (40 MiB) rather than SQLite's
 # 1,000: a row rewritten by many commits in between is copied once, and the checkpoint's fsync is
-# paid a tenth as often (group commit: about a third less time per event at 1,000,000 events).
+# paid a tenth as often.
 WRITER_PRAGMAS: tuple[str, ...] = ("PRAGMA wal_autocheckpoint=10000",)
 
 
@@ -201,11 +201,14 @@ class AnalyticsStore:
     """One SQLite database. Not thread-safe: the service uses it from its event loop only (queries
     from other threads open their own connection with `reader()`).
 
-    Writes commit one by one (each event is durable in the database before its message is acked)
-    unless inside `batch()`, which commits once at its end (rebuild, benchmarks). The database runs
-    in WAL mode with `synchronous=NORMAL`: a commit survives a crash of the process; the last
-    commits before a power loss may be lost, which a rebuild from the streams repairs. Run rows are
-    cached (LRU) so that folding an event does not read the row back from the database.
+    Writes commit one by one unless inside `batch()`, which writes each changed row once and
+    commits once at its end: the live handlers and the rebuild apply a batch of events that way
+    (`ingest.apply_events`), and the live handlers' messages are acked after that commit. The
+    database runs in WAL mode with `synchronous=NORMAL`: a commit survives a crash of the process;
+    the last commits before a power loss may be lost, which a rebuild from the streams repairs. A
+    `bulk` store (a rebuild's new file) keeps its rollback journal in memory and never syncs until
+    `finish()`: it is thrown away if the process dies first. Run rows are cached (LRU) so that
+    folding an event does not read the row back from the database.
     """
 
     def __init__(self, path: str | Path, *, cache_size: int = 20_000, bulk: bool = False) -> None:
