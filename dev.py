@@ -46,6 +46,16 @@ def find_uv() -> list[str]:
     return [str(uv_bin)]
 
 
+def test_workers(args: list[str]) -> list[str]:
+    """Parallel test workers (pytest-xdist) unless the caller chose: most tests wait on the
+    processes and servers they start, so three workers keep two cores busy. FABRIK_TEST_WORKERS
+    sets the number; 0 runs the tests in this one process."""
+    if any(a.startswith(("-n", "--numprocesses")) or a.endswith("no:xdist") for a in args):
+        return []
+    workers = os.environ.get("FABRIK_TEST_WORKERS", "3")
+    return [] if workers == "0" else ["-n", workers]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(__doc__)
@@ -55,7 +65,7 @@ def main(argv: list[str]) -> int:
     run = [*uv, "run", "--locked", "--project", str(ROOT)]
     commands = {
         "up": [*run, "fabrik", "up", *rest],
-        "test": [*run, "pytest", *rest],
+        "test": [*run, "pytest", *test_workers(rest), *rest],
         "lint": None,
         "fabrik": [*run, "fabrik", *rest],
     }

@@ -76,6 +76,9 @@ class NatsServer:
         self.host = host
         self.port = port or free_port(host)
         self.monitor_port = monitor_port or free_port(host)
+        # Ports picked here may be taken by another process before nats-server binds them (tests
+        # run in parallel workers): only those may be picked again at start.
+        self._ports_chosen = not port and not monitor_port
         self.server_name = server_name
         self.log_file = log_file or self.store_dir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -95,6 +98,17 @@ class NatsServer:
     def start(self, timeout: float = 15.0) -> None:
         if self.running:
             return
+        for attempt in range(3):
+            try:
+                self._start_once(timeout)
+                self._ports_chosen = False  # a restart keeps its ports, as a real one does
+                return
+            except NatsServerError as exc:
+                if not (self._ports_chosen and attempt < 2 and "address already in use" in str(exc)):
+                    raise
+            self.port, self.monitor_port = free_port(self.host), free_port(self.host)
+
+    def _start_once(self, timeout: float) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [
             nats_server_binary(),
@@ -124,7 +138,8 @@ class NatsServer:
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise NatsServerError(
-                    f"nats-server exited with code {self._proc.returncode}; see {self.log_file}"
+                    f"nats-server exited with code {self._proc.returncode}: {self._log_tail()} "
+                    f"(log: {self.log_file})"
                 )
             try:
                 with urllib.request.urlopen(url, timeout=1) as response:
@@ -135,6 +150,13 @@ class NatsServer:
             time.sleep(0.05)
         self.stop()
         raise NatsServerError(f"nats-server did not become healthy within {timeout}s: {last_error}")
+
+    def _log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError as exc:
+            return f"log unreadable ({exc})"
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop (SIGTERM, then SIGKILL); the store stays."""
