@@ -40,6 +40,7 @@ from fabrik_common.events import Event
 from fabrik_common.metrics import BusMetrics
 from fabrik_common.topology import DEAD_LETTER_PREFIX, StreamSpec, stream_for_subject
 from fabrik_common.tracing import TRACEPARENT, continue_trace, outgoing_traceparent
+from fabrik_common.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class Bus:
             except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
                 log.warning(
                     "NATS not reachable, retrying",
-                    extra={"url": self.options.url, "error": str(exc), "retry_in_s": delay},
+                    extra={"url": redact_url(self.options.url), "error": str(exc), "retry_in_s": delay},
                 )
                 self.nc = NatsClient()
                 await asyncio.sleep(delay)
@@ -152,7 +153,7 @@ class Bus:
         self.metrics.connected.set(1)
         log.info(
             "connected to NATS",
-            extra={"url": self.nc.connected_url.netloc if self.nc.connected_url else ""},
+            extra={"url": redact_url(self.nc.connected_url.geturl()) if self.nc.connected_url else ""},
         )
 
     async def _on_error(self, exc: Exception) -> None:
