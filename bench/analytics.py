@@ -1,7 +1,7 @@
 """The optimizer's analytics store: ingest rate of run and usage events, latency of cost and insight queries.
 
     uv run python bench/analytics.py [--events 1000000] [--live-events 100000] [--baseline-seconds 20]
-                                     [--no-nats] [--repeat 3]
+                                     [--no-nats] [--repeat 3] [--database-url postgresql://...]
 
 1. A generated history of `--events` events (default 1,000,000): runs of 7 run events each
    (requested, queued, dispatched, started, running, finished, terminal state; 12 % of them resumed
@@ -33,6 +33,11 @@
    insights request answers) and, as a baseline, the same insights one query per insight and group
    (as `insights()` computed them before its single scan), `insights()` of one project, a month's
    budget spend — each `--repeat` times, median and worst latency in ms.
+
+With `--database-url`, every store above is a schema (`bench_<name>`) of that PostgreSQL database
+instead of a SQLite file: the same code paths as the service with `FABRIK_ANALYTICS_DATABASE_URL`
+(a bulk store commits without waiting for the WAL flush; "WAL store" reads "ordinary store").
+The schemas are dropped before and after the run.
 
 Figures are printed, never asserted; a non-zero exit means the benchmark itself broke (e.g. the
 store does not hold what was ingested).
@@ -77,6 +82,7 @@ from fabrik_common.metrics import BusMetrics
 from fabrik_common.natsserver import NatsServer, free_port
 from fabrik_common.topology import RUNS, ensure_topology
 from fabrik_common.tracing import TRACEPARENT
+from fabrik_common.urls import redact_url
 from fabrik_optimizer import handlers
 from fabrik_optimizer.analytics import queries, rebuild
 from fabrik_optimizer.analytics.ingest import (
@@ -86,7 +92,7 @@ from fabrik_optimizer.analytics.ingest import (
     apply_llm_usage,
     apply_run_event,
 )
-from fabrik_optimizer.analytics.store import AnalyticsStore
+from fabrik_optimizer.analytics.store import AnalyticsStore, PostgresLocation
 from fabrik_optimizer.budgets import month_bounds
 from fabrik_optimizer.prices import PriceBook, default_node_price_file
 from fabrik_optimizer.state import OptimizerState
@@ -208,6 +214,45 @@ def rate(count: int, started: float, cpu_started: float) -> str:
     elapsed = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
     return f"{count / elapsed:,.0f} events/s ({cpu / count * 1e6:.0f} µs CPU per event here)"
+
+
+class Stores:
+    """Where the benchmark's stores are: SQLite files in a directory, or schemas of a PostgreSQL database."""
+
+    NAMES = ("analytics", "group", "one_by_one", "live", "former", "replay", "former_replay")
+
+    def __init__(self, tmp: Path, database_url: str | None) -> None:
+        self.tmp = tmp
+        self.url = database_url
+
+    def open(self, name: str, *, bulk: bool = False) -> AnalyticsStore:
+        if self.url:
+            return AnalyticsStore(PostgresLocation(self.url, schema=f"bench_{name}"), bulk=bulk)
+        return AnalyticsStore(self.tmp / f"{name.replace('_', '-')}.db", bulk=bulk)
+
+    def drop_all(self) -> None:
+        """PostgreSQL: drop the benchmark's schemas (before and after a run)."""
+        if not self.url:
+            return
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for name in self.NAMES:
+                conn.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(f"bench_{name}"))
+                )
+
+    def size(self, store: AnalyticsStore) -> int:
+        """Bytes the main store takes (file and WAL, or the schema's tables and indexes)."""
+        if store.postgres is None:
+            return sum(f.stat().st_size for f in self.tmp.glob("analytics.db*"))
+        found = store.tuples(
+            "SELECT SUM(pg_total_relation_size(c.oid)) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+        )
+        return int(found[0][0] or 0)
 
 
 def ingest_batches(store: AnalyticsStore, costing: Costing, events: list[Any], batch: int) -> str:
@@ -333,7 +378,7 @@ async def former_replay(bus: Bus, store: AnalyticsStore, costing: Costing, secon
 
 
 async def through_nats(
-    url: str, events: list[tuple[str, bytes]], tmp: Path, costing: Costing, baseline_seconds: float
+    url: str, events: list[tuple[str, bytes]], stores: Stores, costing: Costing, baseline_seconds: float
 ) -> int:
     bus = Bus(BusOptions(url=url, publish_timeout=30), BusMetrics(CollectorRegistry()))
     await bus.connect()
@@ -342,18 +387,18 @@ async def through_nats(
         publish_rate = await publish(bus, events)
         print(f"publish to JetStream (with the headers Bus.publish sets): {publish_rate:,.0f} events/s")
 
-        store = AnalyticsStore(tmp / "live.db")
+        store = stores.open("live")
         figure = await live_consumers(bus, store, costing, len(events))
         counts = store.counts()
         store.close()
         print(f"live consumers (group commit of {handlers.BATCH:,}, ack after commit): {figure}", flush=True)
 
-        store = AnalyticsStore(tmp / "former.db")
+        store = stores.open("former")
         figure = await former_consumers(bus, store, costing, baseline_seconds)
         store.close()
         print(f"former live consumers (commit per event; baseline): {figure}", flush=True)
 
-        store = AnalyticsStore(tmp / "replay.db", bulk=True)
+        store = stores.open("replay", bulk=True)
         started, cpu = time.perf_counter(), time.process_time()
         replayed = await rebuild.replay_into(bus.js, store, costing)
         total = replayed.run_events + replayed.usage_events
@@ -363,7 +408,7 @@ async def through_nats(
             f"replay from JetStream (rebuild path, {rebuild.BATCH:,} per transaction): {figure}", flush=True
         )
 
-        store = AnalyticsStore(tmp / "former-replay.db")
+        store = stores.open("former_replay")
         figure = await former_replay(bus, store, costing, baseline_seconds)
         store.close()
         print(f"former replay (ordered push consumer, next_msg per message; baseline): {figure}", flush=True)
@@ -411,6 +456,10 @@ def main() -> int:
     parser.add_argument("--baseline-seconds", type=float, default=20.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-nats", action="store_true")
+    parser.add_argument(
+        "--database-url",
+        help="run the stores on this PostgreSQL database (schemas bench_*) instead of SQLite files",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     costing = Costing(prices=PriceBook.load(default_node_price_file()), node_type="cx32")
@@ -428,60 +477,78 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="fabrik-bench-analytics-") as tmp_name:
         tmp = Path(tmp_name)
-        db = tmp / "analytics.db"
-        store = AnalyticsStore(db, bulk=True)
-        figure = ingest_batches(store, costing, events, rebuild.BATCH)
-        store.finish()
-        print(f"store, rebuild batches ({rebuild.BATCH:,} per transaction): {figure}", flush=True)
+        stores = Stores(tmp, args.database_url)
+        stores.drop_all()
+        try:
+            return run(args, stores, events, costing, runs, usages)
+        finally:
+            stores.drop_all()
 
-        live = events[: args.live_events]
-        store = AnalyticsStore(tmp / "group.db")
-        figure = ingest_batches(store, costing, live, handlers.BATCH)
-        store.close()
-        print(f"store, live group commit ({handlers.BATCH:,} per commit, {len(live):,} events): {figure}")
-        store = AnalyticsStore(tmp / "one-by-one.db")
-        figure = ingest_one_by_one(store, costing, live)
-        store.close()
-        print(f"store, live commit per event (baseline, {len(live):,} events): {figure}", flush=True)
 
-        store = AnalyticsStore(db)  # as the service opens it (WAL), after a rebuild
-        n_runs, n_calls = store.counts()
-        if (n_runs, n_calls) != (runs, usages):
-            print(f"store holds {n_runs} runs / {n_calls} calls, expected {runs} / {usages}", file=sys.stderr)
-            return 1
+def run(
+    args: argparse.Namespace,
+    stores: Stores,
+    events: list[tuple[str, bytes]],
+    costing: Costing,
+    runs: int,
+    usages: int,
+) -> int:
+    if stores.url:
+        print(f"stores on PostgreSQL: {redact_url(stores.url)}, schemas bench_*", flush=True)
+    tmp = stores.tmp
+    store = stores.open("analytics", bulk=True)
+    figure = ingest_batches(store, costing, events, rebuild.BATCH)
+    store.finish()
+    print(f"store, rebuild batches ({rebuild.BATCH:,} per transaction): {figure}", flush=True)
 
-        if not args.no_nats:
-            server = NatsServer(tmp / "nats", port=free_port(), monitor_port=free_port())
-            server.start()
-            try:
-                if asyncio.run(through_nats(server.url, events, tmp, costing, args.baseline_seconds)):
-                    return 1
-            finally:
-                server.stop()
+    live = events[: args.live_events]
+    store = stores.open("group")
+    figure = ingest_batches(store, costing, live, handlers.BATCH)
+    store.close()
+    print(f"store, live group commit ({handlers.BATCH:,} per commit, {len(live):,} events): {figure}")
+    store = stores.open("one_by_one")
+    figure = ingest_one_by_one(store, costing, live)
+    store.close()
+    print(f"store, live commit per event (baseline, {len(live):,} events): {figure}", flush=True)
 
-        february = month_bounds("2026-02")
-        checks: list[tuple[str, Callable[[], Any]]] = [
-            *[
-                (f"costs by {g}", lambda g=g: queries.costs(store, g))
-                for g in ("project", "spec", "model", "day")
-            ],  # type: ignore[misc]
-            *[
-                (f"costs by {g}, one month", lambda g=g: queries.costs(store, g, *february))
-                for g in ("project", "day")
-            ],  # type: ignore[misc]
-            ("costs by project, one project", lambda: queries.costs(store, "project", project="project-1")),
-            ("insights (all)", lambda: queries.insights(store, 20, 10)),
-            ("insights, query by query (former)", lambda: insights_query_by_query(store, 20, 10)),
-            ("insights, one project", lambda: queries.insights(store, 20, 10, "project-1")),
-            ("budget spend, one month", lambda: queries.spend(store, *february)),
-        ]
-        print(f"queries over {n_runs:,} runs and {n_calls:,} calls (median / worst of {args.repeat}, ms):")
-        for name, fn in checks:
-            median, worst = timed(fn, args.repeat)
-            print(f"  {name:<34} {median:8.1f} / {worst:8.1f}")
-        store.close()
-        size = sum(f.stat().st_size for f in tmp.glob("analytics.db*"))
-        print(f"store size: {size / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
+    store = stores.open("analytics")  # as the service opens it (WAL), after a rebuild
+    n_runs, n_calls = store.counts()
+    if (n_runs, n_calls) != (runs, usages):
+        print(f"store holds {n_runs} runs / {n_calls} calls, expected {runs} / {usages}", file=sys.stderr)
+        return 1
+
+    if not args.no_nats:
+        server = NatsServer(tmp / "nats", port=free_port(), monitor_port=free_port())
+        server.start()
+        try:
+            if asyncio.run(through_nats(server.url, events, stores, costing, args.baseline_seconds)):
+                return 1
+        finally:
+            server.stop()
+
+    february = month_bounds("2026-02")
+    checks: list[tuple[str, Callable[[], Any]]] = [
+        *[
+            (f"costs by {g}", lambda g=g: queries.costs(store, g))
+            for g in ("project", "spec", "model", "day")
+        ],  # type: ignore[misc]
+        *[
+            (f"costs by {g}, one month", lambda g=g: queries.costs(store, g, *february))
+            for g in ("project", "day")
+        ],  # type: ignore[misc]
+        ("costs by project, one project", lambda: queries.costs(store, "project", project="project-1")),
+        ("insights (all)", lambda: queries.insights(store, 20, 10)),
+        ("insights, query by query (former)", lambda: insights_query_by_query(store, 20, 10)),
+        ("insights, one project", lambda: queries.insights(store, 20, 10, "project-1")),
+        ("budget spend, one month", lambda: queries.spend(store, *february)),
+    ]
+    print(f"queries over {n_runs:,} runs and {n_calls:,} calls (median / worst of {args.repeat}, ms):")
+    for name, fn in checks:
+        median, worst = timed(fn, args.repeat)
+        print(f"  {name:<34} {median:8.1f} / {worst:8.1f}")
+    size = stores.size(store)
+    store.close()
+    print(f"store size: {size / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The optimizer's costs, budgets and rebuild over a real NATS, with the real llm-proxy.
+"""The optimizer's costs, budgets and rebuild over a real NATS, with the real llm-proxy (the
+rebuild on both store backends: SQLite, and PostgreSQL through pgserver).
 
 The optimizer and the llm-proxy run in-process against one NATS server; requests go through the
 optimizer's NATS request/reply contract (`fabrik_common.optimizer_rpc`) exactly as the gateway
@@ -50,7 +51,7 @@ from fabrik_llm_proxy.pricing import PriceEntry, PriceTable
 from fabrik_llm_proxy.settings import LlmProxySettings
 from fabrik_optimizer.analytics.ingest import Costing
 from fabrik_optimizer.analytics.rebuild import replay_into
-from fabrik_optimizer.analytics.store import AnalyticsStore
+from fabrik_optimizer.analytics.store import AnalyticsStore, PostgresLocation
 from fabrik_optimizer.app import build as build_optimizer
 from fabrik_optimizer.prices import PriceBook
 from fabrik_optimizer.settings import OptimizerSettings
@@ -429,9 +430,13 @@ def run_history(
     return events
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_rebuild_from_the_streams_equals_the_incrementally_built_store(
-    nats_url: str, tmp_path: Path
+    nats_url: str, tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
+    # SQLite: a fresh file swapped in; PostgreSQL (a real server, pgserver): a fresh schema
+    # swapped in with renames. The same assertions on both.
+    url: str | None = request.getfixturevalue("postgres_url") if backend == "postgres" else None
     base = datetime(2026, 3, 2, 9, tzinfo=UTC)
     history: list[Any] = []
     for i in range(30):
@@ -454,7 +459,8 @@ async def test_rebuild_from_the_streams_equals_the_incrementally_built_store(
             )
         )
     history.append(priced_usage(PriceTable(), base, (5, 5, 0, 0), None, "p0"))  # a call without a run
-    settings = optimizer_settings(nats_url, tmp_path / "live.db", cost_node_type="cx32")
+    store_settings: dict[str, Any] = {"analytics_database_url": url} if url else {}
+    settings = optimizer_settings(nats_url, tmp_path / "live.db", cost_node_type="cx32", **store_settings)
     async with connected(nats_url) as (bus, nc), running_service(build_optimizer(settings)) as optimizer:
         for event in history:
             await bus.publish(event)
@@ -495,7 +501,7 @@ async def test_rebuild_from_the_streams_equals_the_incrementally_built_store(
         )
 
         # An independent replay into a fresh store gives the same rows.
-        fresh = AnalyticsStore(tmp_path / "fresh.db")
+        fresh = AnalyticsStore(PostgresLocation(url, schema="fresh") if url else tmp_path / "fresh.db")
         try:
             costing = Costing(
                 prices=PriceBook.load(settings.node_prices_path(), settings.currency_rates),

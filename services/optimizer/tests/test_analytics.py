@@ -7,14 +7,17 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from optimizer_events import T0, at, run_lifecycle, usage
+from optimizer_stores import Stores
 
 from fabrik_common.events import RunStateChanged
 from fabrik_common.ids import new_ulid
+from fabrik_common.settings import SettingsError, load_settings
 from fabrik_optimizer.analytics.ingest import apply_llm_usage, apply_run_event
 from fabrik_optimizer.analytics.queries import costs, duration_p95, percentile, success_rate, wilson_interval
-from fabrik_optimizer.analytics.store import AnalyticsStore
+from fabrik_optimizer.analytics.store import SCHEMA_VERSION, AnalyticsStore, PostgresLocation
 from fabrik_optimizer.settings import OptimizerSettings
 
 GPT = (2.50, 10.00, 1.25, 3.75)  # USD per million: input, output, cache read, cache write
@@ -22,10 +25,9 @@ CLAUDE = (3.00, 15.00, 0.30, 3.75)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = AnalyticsStore(tmp_path / "analytics.db")
-    yield s
-    s.close()
+def store(stores: Stores) -> AnalyticsStore:
+    """A store on each backend (SQLite file, PostgreSQL schema): the same assertions on both."""
+    return stores.open()
 
 
 def ingest(store: AnalyticsStore, events: list[Any]) -> None:
@@ -201,3 +203,96 @@ def test_analytics_db_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert OptimizerSettings().analytics_db_path() == (
         tmp_path / ".local" / "share" / "fabrik" / "optimizer" / "analytics.db"
     )
+
+
+def test_a_store_of_another_schema_version_is_emptied_and_flagged(stores: Stores) -> None:
+    store = stores.open()
+    ingest(store, run_lifecycle(new_ulid()))
+    store.close()
+    again = stores.open()
+    assert not again.reset and len(again.runs()) == 1  # same version: kept
+    with again.transaction() as conn:
+        conn.execute(again.sql("UPDATE analytics_meta SET value = ? WHERE name = 'schema_version'"), ["3"])
+    again.close()
+    older = stores.open()
+    assert older.reset and older.runs() == [] and older.llm_calls() == []
+    assert older.query("SELECT value FROM analytics_meta") == [{"value": SCHEMA_VERSION}]
+    ingest(older, run_lifecycle(new_ulid()))  # and it works as a fresh store
+    assert len(older.runs()) == 1
+
+
+def test_text_sorts_byte_wise_on_both_backends(store: AnalyticsStore) -> None:
+    """Group keys and ISO timestamps compare as bytes (PostgreSQL's columns are COLLATE "C")."""
+    for spec in ("spec_b", "Spec-c", "spec-a", "spec.d"):
+        ingest(store, run_lifecycle(spec_id=spec))
+    found = [r["spec_id"] for r in store.query("SELECT spec_id FROM runs ORDER BY spec_id")]
+    assert found == sorted(found) == ["Spec-c", "spec-a", "spec.d", "spec_b"]
+
+
+def test_database_url_settings(tmp_path: Path) -> None:
+    url = "postgresql://fabrik@db.example:5432/analytics?sslmode=require"
+    found = OptimizerSettings(analytics_database_url=url).analytics_postgres()
+    assert found == PostgresLocation(url, None)
+    assert OptimizerSettings().analytics_postgres() is None
+    assert OptimizerSettings(analytics_database_url="postgres://u:p@h/db").analytics_postgres() is not None
+    socket = "postgresql://postgres:@/db?host=/run/postgresql"
+    assert OptimizerSettings(analytics_database_url=socket).analytics_postgres() == PostgresLocation(socket)
+
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    env = {
+        "FABRIK_ANALYTICS_DATABASE_URL": "postgresql://fabrik@db:5432/analytics",
+        "FABRIK_ANALYTICS_DATABASE_PASSWORD_FILE": str(secret),
+    }
+    location = load_settings(OptimizerSettings, env).analytics_postgres()
+    assert location is not None and location.password == "s3cret"
+
+    for bad, rule in [
+        ("mysql://u:hidden@h/db", "must start with postgresql://"),
+        ("postgresql://u:hidden@h:99999/db", "not a valid URL"),
+        ("postgresql://u:hidden@/db", "has no host"),
+        ("postgresql://u:hidden@h", "has no database name"),
+        ("postgresql://u:hidden@h/a/b", "more than one path segment"),
+        ("db.example:5432", "must start with postgresql://"),
+    ]:
+        with pytest.raises(SettingsError) as caught:
+            load_settings(OptimizerSettings, {"FABRIK_ANALYTICS_DATABASE_URL": bad})
+        message = str(caught.value)
+        assert "FABRIK_ANALYTICS_DATABASE_URL" in message and rule in message, message
+        assert "hidden" not in message  # the password is never echoed
+    with pytest.raises(SettingsError, match="not both"):
+        load_settings(
+            OptimizerSettings,
+            {**env, "FABRIK_ANALYTICS_DATABASE_URL": "postgresql://u:p@db/analytics"},
+        )
+    with pytest.raises(SettingsError, match=r"FABRIK_ANALYTICS_DATABASE_PASSWORD_FILE=.*cannot be read"):
+        load_settings(
+            OptimizerSettings, {**env, "FABRIK_ANALYTICS_DATABASE_PASSWORD_FILE": str(tmp_path / "no")}
+        )
+    with pytest.raises(SettingsError, match="FABRIK_ANALYTICS_DATABASE_URL is not"):
+        load_settings(OptimizerSettings, {"FABRIK_ANALYTICS_DATABASE_PASSWORD_FILE": str(secret)})
+
+
+def test_the_password_file_is_used_to_connect(postgres_url: str, tmp_path: Path) -> None:
+    """A password from the file reaches the server (a wrong one is refused by a server that asks)."""
+    admin = psycopg.connect(postgres_url, autocommit=True)
+    try:
+        admin.execute("CREATE ROLE analytics_writer LOGIN PASSWORD 'right-one'")
+    finally:
+        admin.close()
+    location = OptimizerSettings(analytics_database_url=postgres_url).analytics_postgres()
+    assert location is not None
+    # The test server trusts local connections: what is checked here is that the setting's
+    # password is handed to the driver with the URL's other parameters.
+    secret = tmp_path / "pw"
+    secret.write_text("right-one")
+    with_file = OptimizerSettings(
+        analytics_database_url=postgres_url.replace("postgres:@", "analytics_writer@"),
+        analytics_database_password_file=str(secret),
+    ).analytics_postgres()
+    assert with_file is not None and with_file.password == "right-one"
+    conn = with_file.connect()
+    try:
+        assert conn.info.password == "right-one" and conn.info.user == "analytics_writer"
+    finally:
+        conn.close()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hcloud import APIException
 from optimizer_events import run_lifecycle
+from optimizer_stores import Stores
 
 from fabrik_common.events import Resources, RunDispatched, RunParameters, RunStarted, RunStateChanged
 from fabrik_common.ids import new_ulid
@@ -63,10 +64,9 @@ def prices(tmp_path: Path) -> PriceBook:
 
 
 @pytest.fixture
-def store() -> Any:
-    s = AnalyticsStore(":memory:")
-    yield s
-    s.close()
+def store(stores: Stores) -> AnalyticsStore:
+    """A store on each backend (SQLite file, PostgreSQL schema): the same assertions on both."""
+    return stores.open()
 
 
 def test_quantities() -> None:

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 from nats.js import api
 from optimizer_events import run_lifecycle, usage
+from optimizer_stores import Stores, database_failure, statements
 from prometheus_client import CollectorRegistry
 
 from fabrik_common.bus import DLQ_REASON, BatchContext, Bus, BusOptions, ConsumerGroup, Delivery, Router
@@ -32,7 +34,7 @@ from fabrik_common.topology import ensure_topology
 from fabrik_optimizer import handlers
 from fabrik_optimizer.analytics import ingest
 from fabrik_optimizer.analytics.ingest import RUN_SUBJECTS, apply_events, apply_llm_usage, apply_run_event
-from fabrik_optimizer.analytics.store import AnalyticsStore
+from fabrik_optimizer.analytics.store import AnalyticsStore, PostgresLocation
 from fabrik_optimizer.app import build
 from fabrik_optimizer.settings import OptimizerSettings
 from fabrik_optimizer.state import OptimizerState
@@ -60,10 +62,9 @@ def snapshot(store: AnalyticsStore) -> tuple[Any, ...]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = AnalyticsStore(tmp_path / "analytics.db")
-    yield s
-    s.close()
+def store(stores: Stores) -> AnalyticsStore:
+    """A store on each backend (SQLite file, PostgreSQL schema): the same assertions on both."""
+    return stores.open()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,24 +72,22 @@ def store(tmp_path: Path) -> Any:
 
 
 def test_a_batch_is_one_commit_and_equals_the_events_one_by_one(
-    store: AnalyticsStore, tmp_path: Path
+    store: AnalyticsStore, stores: Stores
 ) -> None:
     events = history()
-    one_by_one = AnalyticsStore(tmp_path / "reference.db")
+    one_by_one = stores.open("reference")
     try:
         for event in events:
             if isinstance(event, LlmUsage):
                 apply_llm_usage(one_by_one, event)
             else:
                 apply_run_event(one_by_one, event)
-        statements: list[str] = []
-        store.conn.set_trace_callback(statements.append)
         batches = [events[i : i + 7] for i in range(0, len(events), 7)]
-        for batch in batches:
-            applied = apply_events(store, batch)
-            assert applied.failed == {}
-        store.conn.set_trace_callback(None)
-        assert statements.count("COMMIT") == len(batches)
+        with statements(store) as sent:
+            for batch in batches:
+                applied = apply_events(store, batch)
+                assert applied.failed == {}
+        assert sent.count("COMMIT") == len(batches)
         assert snapshot(store) == snapshot(one_by_one)
         assert {r["run_id"]: r["models"] for r in store.query("SELECT * FROM run_llm")} == {
             r["run_id"]: '["claude", "gpt-4o"]' for r in store.runs()
@@ -132,33 +131,35 @@ def test_an_event_that_cannot_be_folded_fails_alone(
     assert store.get_run(poisoned)["peak_memory_bytes"] == 512 * 1024**2  # type: ignore[index]
 
 
-def test_a_row_the_database_refuses_fails_alone(store: AnalyticsStore) -> None:
+def test_a_row_the_database_refuses_fails_alone(store: AnalyticsStore, backend: str) -> None:
     events = history(2)
     huge = msgspec.structs.replace(events[-1], call_id=new_ulid(), input_tokens=2**70)  # > BIGINT
     batch = [*events[:5], huge, *events[5:]]
-    statements: list[str] = []
-    store.conn.set_trace_callback(statements.append)
-    applied = apply_events(store, batch)
-    assert list(applied.failed) == [5] and isinstance(applied.failed[5], OverflowError)
+    with statements(store) as sent:
+        applied = apply_events(store, batch)
+    # SQLite's driver refuses the integer; PostgreSQL refuses the value ("bigint out of range").
+    refused = OverflowError if backend == "sqlite" else psycopg.errors.NumericValueOutOfRange
+    assert list(applied.failed) == [5] and isinstance(applied.failed[5], refused)
     # The batch was rolled back and applied again one event per transaction (the refused one rolled back).
-    assert statements.count("ROLLBACK") == 2 and statements.count("COMMIT") == len(batch) - 1
+    assert sent.count("ROLLBACK") == 2 and sent.count("COMMIT") == len(batch) - 1
     assert len(store.runs()) == 2 and len(store.llm_calls()) == 4
     assert applied.changed == len(batch) - 1
 
 
 def test_a_database_failure_commits_nothing_and_raises(
-    store: AnalyticsStore, monkeypatch: pytest.MonkeyPatch
+    store: AnalyticsStore, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events = history(2)
     apply_events(store, events[:3])
     before = snapshot(store)
+    failure = database_failure(backend)
 
     def locked() -> None:
-        raise sqlite3.OperationalError("database is locked")
+        raise failure("database is locked")
 
     with monkeypatch.context() as patch:
         patch.setattr(store, "_flush", locked)
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(failure):
             apply_events(store, events[3:])
     assert snapshot(store) == before
     assert apply_events(store, events[3:]).failed == {}  # and all of it can be tried again
@@ -169,8 +170,9 @@ def test_a_database_failure_commits_nothing_and_raises(
 # through NATS
 
 
-def settings_for(nats_url: str, db: Path) -> OptimizerSettings:
-    return OptimizerSettings(nats_url=nats_url, http_port=0, log_format="text", analytics_db=str(db))
+def settings_for(nats_url: str, db: Path, **store: Any) -> OptimizerSettings:
+    where = store or {"analytics_db": str(db)}
+    return OptimizerSettings(nats_url=nats_url, http_port=0, log_format="text", **where)
 
 
 @contextlib.asynccontextmanager
@@ -192,7 +194,7 @@ async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str =
 
 
 async def test_events_are_acked_only_after_their_commit(
-    nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, tmp_path: Path, stores: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events = history(4)
     calls = sum(isinstance(e, LlmUsage) for e in events)
@@ -207,7 +209,7 @@ async def test_events_are_acked_only_after_their_commit(
     async with connected(nats_url) as bus:
         for event in events:
             await bus.publish(event)
-        async with running_service(build(settings_for(nats_url, tmp_path / "a.db"))) as svc:
+        async with running_service(build(settings_for(nats_url, tmp_path, **stores.settings()))) as svc:
             state: OptimizerState = svc.state
 
             async def infos() -> tuple[Any, Any]:
@@ -339,3 +341,46 @@ async def test_a_consumer_created_with_the_earlier_filter_is_taken_over(
             await until(lambda: [r["state"] for r in store.runs()] == ["succeeded"], what="applied")
         info = await bus.js.consumer_info("RUNS", "optimizer-runs")
         assert info.config.filter_subject == "fabrik.runs.>" and not info.config.filter_subjects
+
+
+def test_a_lost_postgres_connection_fails_one_batch_and_the_next_reconnects(postgres_url: str) -> None:
+    """The server ends the writer's connection (a restart, a failover): the batch in flight raises
+    a database failure (the bus naks it whole), and the same batch applied again goes through on a
+    new connection."""
+    store = AnalyticsStore(PostgresLocation(postgres_url))
+    try:
+        events = history(3)
+        apply_events(store, events[:4])
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [store.conn.info.backend_pid])
+        with pytest.raises(psycopg.OperationalError):
+            apply_events(store, events[4:])
+        assert apply_events(store, events[4:]).failed == {}
+        assert len(store.runs()) == 3 and len(store.llm_calls()) == 6
+    finally:
+        store.close()
+
+
+def test_a_batch_reads_its_runs_in_one_query_per_500(
+    store: AnalyticsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folding a batch reads the rows of its runs that are not cached together, not one query per
+    run (each a round trip on PostgreSQL); runs that do not exist yet are not asked for again."""
+    earlier = history(3)
+    apply_events(store, earlier)
+    store._cache.clear()  # as after a restart: the known runs are only in the database
+    events = earlier + history(600)
+    reads: list[str] = []
+    real = store._dicts
+
+    def counted(statement: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        if "FROM runs" in statement:
+            reads.append(statement)
+        return real(statement, params)
+
+    monkeypatch.setattr(store, "_dicts", counted)
+    assert apply_events(store, events).failed == {}
+    assert len(reads) == 2  # 603 runs: 500 + 103
+    monkeypatch.undo()
+    assert len(store.runs()) == 603 and len(store.llm_calls()) == 2 * 603
+    assert {r["state"] for r in store.runs()} == {"succeeded", "failed"}

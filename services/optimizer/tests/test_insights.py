@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from optimizer_stores import BACKENDS, Stores
 
 from fabrik_common.events import (
     LlmUsage,
@@ -25,7 +26,8 @@ from fabrik_common.events import (
     RunStateChanged,
 )
 from fabrik_common.ids import new_ulid
-from fabrik_optimizer.analytics.ingest import Costing, apply_llm_usage, apply_run_event, llm_call_row
+from fabrik_common.testing.postgres import PostgresTestServer
+from fabrik_optimizer.analytics.ingest import Costing, apply_events, llm_call_row
 from fabrik_optimizer.analytics.queries import (
     cost_per_success,
     duration_p95,
@@ -36,7 +38,7 @@ from fabrik_optimizer.analytics.queries import (
     population,
     success_rate,
 )
-from fabrik_optimizer.analytics.store import RUN_COLUMNS, AnalyticsStore
+from fabrik_optimizer.analytics.store import RUN_COLUMNS, AnalyticsStore, PostgresLocation
 from fabrik_optimizer.prices import PriceBook
 
 N_RUNS = 10_000
@@ -206,8 +208,10 @@ def run_cost_nanos(run: Run) -> int:
     return run.llm_nanos + sum(a.run_s for a in run.attempts) * NANOS_PER_SECOND
 
 
-@pytest.fixture(scope="module")
-def history_store(tmp_path_factory: pytest.TempPathFactory) -> Any:
+@pytest.fixture(scope="module", params=BACKENDS)
+def history_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The 10,000-run history folded once per backend (SQLite in memory; one PostgreSQL database
+    for the module) and shared by the read-only tests."""
     runs = generate()
     path = Path(tmp_path_factory.mktemp("insights")) / "nodes.json"
     path.write_text(
@@ -215,16 +219,23 @@ def history_store(tmp_path_factory: pytest.TempPathFactory) -> Any:
         '"prices": [{"valid_from": "2020-01-01", "hourly": 0.36}]}}}'
     )
     costing = Costing(prices=PriceBook.load(path), node_type="n", workspace_bytes=0)
-    store = AnalyticsStore(":memory:")
-    with store.batch():
-        for run in runs:
-            for event in events_of(run):
-                if isinstance(event, LlmUsage):
-                    apply_llm_usage(store, event)
-                else:
-                    apply_run_event(store, event, costing)
-    yield runs, store
-    store.close()
+    location: str | PostgresLocation = ":memory:"
+    server: PostgresTestServer | None = None
+    database = ""
+    if request.param == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        database = server.create_database()
+        location = PostgresLocation(server.url(database))
+    store = AnalyticsStore(location)
+    try:
+        # One batch, as a rebuild applies events (its runs read in one query per 500).
+        applied = apply_events(store, [event for run in runs for event in events_of(run)], costing)
+        assert applied.failed == {}
+        yield runs, store
+    finally:
+        store.close()
+        if server is not None:
+            server.drop_database(database)
 
 
 @pytest.fixture(scope="module")
@@ -419,11 +430,11 @@ def test_insights_in_one_scan_equal_the_queries_one_by_one(
     )
 
 
-def test_insights_in_one_scan_on_the_odd_cases(tmp_path: Path) -> None:
+def test_insights_in_one_scan_on_the_odd_cases(stores: Stores) -> None:
     """Runs without spec, project or memory limit, with several models or none, still running,
     cancelled, of unknown states, retried; calls of runs the store does not know."""
     rng = random.Random(7)
-    store = AnalyticsStore(tmp_path / "odd.db")
+    store = stores.open("odd")
     try:
         with store.batch():
             for _ in range(400):

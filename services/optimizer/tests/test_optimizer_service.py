@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections.abc import Callable
 from decimal import Decimal
-from pathlib import Path
 
 import msgspec
 from optimizer_events import run_lifecycle, usage
+from optimizer_stores import Stores
 from prometheus_client import CollectorRegistry
 
 from fabrik_common.bus import Bus, BusOptions
@@ -32,9 +32,8 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_service_builds_the_store_from_the_streams(nats_url: str, tmp_path: Path) -> None:
-    db = tmp_path / "analytics.db"
-    settings = OptimizerSettings(nats_url=nats_url, http_port=0, log_format="text", analytics_db=str(db))
+async def test_service_builds_the_store_from_the_streams(nats_url: str, stores: Stores) -> None:
+    settings = OptimizerSettings(nats_url=nats_url, http_port=0, log_format="text", **stores.settings())
     bus = Bus(BusOptions(url=nats_url), BusMetrics(CollectorRegistry()))
     await bus.connect()
     try:
@@ -73,9 +72,6 @@ async def test_service_builds_the_store_from_the_streams(nats_url: str, tmp_path
     finally:
         await bus.close()
 
-    # The rows are on disk: a reopened store sees the same.
-    reopened = AnalyticsStore(db)
-    try:
-        assert len(reopened.runs()) == 2 and len(reopened.llm_calls()) == 2
-    finally:
-        reopened.close()
+    # The rows are stored: a reopened store sees the same.
+    reopened = stores.open()
+    assert len(reopened.runs()) == 2 and len(reopened.llm_calls()) == 2

@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 
 import nats.errors
+import psycopg
 from nats.js.kv import KeyValue
 
 from fabrik_common.service import Service, run_service
@@ -139,9 +140,25 @@ def build(settings: OptimizerSettings) -> Service[OptimizerState]:
     rpc_server: list[RpcServer] = []
 
     async def on_start(service: Service[OptimizerState]) -> OptimizerState:
-        path = settings.analytics_db_path()
-        store = AnalyticsStore(path)
-        log.info("analytics store open", extra={"path": str(path), "reset": store.reset})
+        postgres = settings.analytics_postgres()
+        try:
+            store = AnalyticsStore(postgres if postgres is not None else settings.analytics_db_path())
+        except psycopg.OperationalError as exc:
+            assert postgres is not None
+            raise RuntimeError(
+                f"the analytics store on PostgreSQL ({postgres.describe()}, FABRIK_ANALYTICS_DATABASE_URL) "
+                f"cannot be opened: {exc}"
+            ) from exc
+        log.info(
+            "analytics store open",
+            extra={
+                "backend": "postgresql" if postgres else "sqlite",
+                "path": store.path,
+                "reset": store.reset,
+            },
+        )
+        if dropped := store.drop_leftovers():
+            log.warning("dropped the schemas of unfinished rebuilds", extra={"schemas": dropped})
         js = service.bus.js
         config_kv = await js.key_value("config")
         limits_kv = await js.key_value("limits")

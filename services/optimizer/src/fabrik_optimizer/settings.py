@@ -6,10 +6,13 @@ import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
 from fabrik_common.settings import CommonSettings, Port, PositiveFloat
+from fabrik_common.urls import redact_url
+from fabrik_optimizer.analytics.store import PostgresLocation
 from fabrik_optimizer.prices import default_node_price_file, parse_quantity
 
 
@@ -19,6 +22,11 @@ class OptimizerSettings(CommonSettings, frozen=True, kw_only=True):
     """Fabrik's data directory (`FABRIK_DATA_DIR`); default `~/.local/share/fabrik`."""
     analytics_db: str = ""
     """The analytics SQLite file (`FABRIK_ANALYTICS_DB`); default `<data_dir>/optimizer/analytics.db`."""
+    analytics_database_url: str = ""
+    """PostgreSQL instead of the SQLite file: `postgresql://user:pass@host:port/db` (or `postgres://`;
+    libpq query parameters such as `?sslmode=require` or `?host=/socket/dir` are kept)."""
+    analytics_database_password_file: str = ""
+    """A file holding the PostgreSQL password (a mounted secret), instead of a password in the URL."""
 
     node_prices_file: str = ""
     """Node and storage prices (`FABRIK_NODE_PRICES_FILE`); default `prices/nodes.json` of the source tree."""
@@ -58,6 +66,36 @@ class OptimizerSettings(CommonSettings, frozen=True, kw_only=True):
                 f"FABRIK_COST_WORKSPACE_SIZE={self.cost_workspace_size!r} is not a Kubernetes quantity "
                 "(e.g. 10Gi)"
             )
+        # A bad URL or an unreadable password file stops the start with the variable named.
+        self.analytics_postgres()
+
+    def analytics_postgres(self) -> PostgresLocation | None:
+        """Where the PostgreSQL store is (`FABRIK_ANALYTICS_DATABASE_URL`), or None for SQLite.
+        Raises a ValueError naming the variable when the URL is not a usable PostgreSQL URL, when
+        the password is given twice, or when the password file cannot be read."""
+        url = self.analytics_database_url.strip()
+        file = self.analytics_database_password_file.strip()
+        if not url:
+            if file:
+                raise ValueError(
+                    "FABRIK_ANALYTICS_DATABASE_PASSWORD_FILE is set but FABRIK_ANALYTICS_DATABASE_URL is not"
+                )
+            return None
+        check_database_url(url)
+        password: str | None = None
+        if file:
+            if urlsplit(url).password:
+                raise ValueError(
+                    "set the PostgreSQL password in FABRIK_ANALYTICS_DATABASE_URL or in "
+                    "FABRIK_ANALYTICS_DATABASE_PASSWORD_FILE, not both"
+                )
+            try:
+                password = Path(file).expanduser().read_text().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"FABRIK_ANALYTICS_DATABASE_PASSWORD_FILE={file!r} cannot be read: {exc.strerror or exc}"
+                ) from None
+        return PostgresLocation(url, password)
 
     def analytics_db_path(self) -> Path:
         if self.analytics_db:
@@ -80,6 +118,32 @@ class OptimizerSettings(CommonSettings, frozen=True, kw_only=True):
         if self.hcloud_token_file:
             return Path(self.hcloud_token_file).expanduser().read_text().strip()
         return self.hcloud_token.strip()
+
+
+def check_database_url(url: str) -> None:
+    """Raise a ValueError naming FABRIK_ANALYTICS_DATABASE_URL unless `url` is a PostgreSQL URL
+    with a host (in the URL or as `?host=`) and a database name. The password is never echoed."""
+
+    def bad(rule: str) -> ValueError:
+        return ValueError(f"FABRIK_ANALYTICS_DATABASE_URL={redact_url(url)!r} {rule}")
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise bad(f"is not a valid URL: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise bad("must start with postgresql:// or postgres:// (postgresql://user:pass@host:port/db)")
+    query = parse_qs(parts.query)
+    if not parts.hostname and not query.get("host"):
+        raise bad("has no host (postgresql://user:pass@host:port/db)")
+    database = parts.path.lstrip("/")
+    if not database and not query.get("dbname"):
+        raise bad("has no database name (postgresql://user:pass@host:port/db)")
+    if "/" in database:
+        raise bad("has more than one path segment; the path is the database name")
+    if port == 0:
+        raise bad("has port 0")
 
 
 def resolve_data_dir(configured: str) -> Path:

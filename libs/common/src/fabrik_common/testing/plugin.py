@@ -1,4 +1,5 @@
-"""pytest fixtures: `nats_server` (real JetStream, free port, temporary store) and `nats_url`.
+"""pytest fixtures: `nats_server` (real JetStream, free port, temporary store) and `nats_url`;
+`postgres_server` and `postgres_url` (a real PostgreSQL, see `fabrik_common.testing.postgres`).
 
 Set FABRIK_TEST_NATS=container to run the server through testcontainers where a Docker engine exists.
 """
@@ -12,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from fabrik_common.testing import ContainerNatsServer, NatsServer, NatsServerLike, docker_available
+from fabrik_common.testing.postgres import postgres_server, postgres_url
+
+__all__ = ["nats_server", "nats_url", "postgres_server", "postgres_url"]
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ an attempt keep their first value, and the peak memory only grows.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -27,7 +26,14 @@ from fabrik_common.events import (
     RunStarted,
     RunStateChanged,
 )
-from fabrik_optimizer.analytics.store import RUN_COLUMNS, AnalyticsStore, iso, parse_iso, usd_to_nanos
+from fabrik_optimizer.analytics.store import (
+    DATABASE_ERRORS,
+    RUN_COLUMNS,
+    AnalyticsStore,
+    iso,
+    parse_iso,
+    usd_to_nanos,
+)
 from fabrik_optimizer.prices import PriceBook
 
 # The run events the store folds; every other RunEvent is accepted and ignored.
@@ -250,7 +256,7 @@ def _fold_all(
                 applied.changed += 1
             elif apply_run_event(store, event, costing):
                 applied.changed += 1
-        except sqlite3.OperationalError:
+        except DATABASE_ERRORS:
             raise  # the database, not the event
         except Exception as exc:  # noqa: BLE001 - reported per event: the rest of the batch goes on
             applied.failed[index] = exc
@@ -265,14 +271,15 @@ def apply_events(
     An event that fails to fold is reported in `Applied.failed` and leaves the store as it was
     before it; the others are committed. When the commit itself fails on the data (a value the
     database refuses), the batch is rolled back and applied again one event per transaction, so
-    that only the offending events fail. `sqlite3.OperationalError` (the database is locked,
-    the disk is full or unwritable) is raised with nothing of the batch committed: all of it can
-    be tried again. Idempotent like the single-event functions: a batch applied twice (a
-    redelivery) leaves the same rows."""
+    that only the offending events fail. A failure of the database itself (`DATABASE_ERRORS`:
+    SQLite locked, a disk full or unwritable, the PostgreSQL connection lost) is raised with
+    nothing of the batch committed: all of it can be tried again. Idempotent like the
+    single-event functions: a batch applied twice (a redelivery) leaves the same rows."""
     try:
         with store.batch():
+            store.prefetch_runs(e.run_id for e in events if isinstance(e, FOLDED_EVENTS))
             return _fold_all(store, events, costing)
-    except sqlite3.OperationalError:
+    except DATABASE_ERRORS:
         raise
     except Exception:  # noqa: BLE001 - the commit refused some row: find it, one event at a time
         result = Applied()
@@ -280,7 +287,7 @@ def apply_events(
             try:
                 with store.batch():
                     single = _fold_all(store, [event], costing)
-            except sqlite3.OperationalError:
+            except DATABASE_ERRORS:
                 raise
             except Exception as exc:  # noqa: BLE001 - this event's row cannot be written
                 result.failed[index] = exc

@@ -14,10 +14,11 @@ of its own, which cost about as much as folding the event; its callback form has
 so a fast server would fill the client's memory.) A gap in the consumer's sequence (messages lost
 on a reconnect) recreates the consumer after the last message read.
 
-`Rebuilder` (used by the service) replays into a fresh file beside the live one while the live
-consumers go on writing the old store, then, holding the write lock (live handlers wait),
-replays what arrived meanwhile and swaps the new file in. Events the live consumers deliver again
-after the swap change nothing (idempotent).
+`Rebuilder` (used by the service) replays into a fresh store beside the live one — a file beside
+the SQLite file, or a fresh schema of the PostgreSQL database — while the live consumers go on
+writing the old store, then, holding the write lock (live handlers wait), replays what arrived
+meanwhile and swaps the new store in (a file rename; on PostgreSQL two schema renames in one
+transaction). Events the live consumers deliver again after the swap change nothing (idempotent).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ from nats.js import JetStreamContext, api
 
 from fabrik_common.codec import EventCodec, EventDecodeError
 from fabrik_common.events import LlmUsage, RunEvent
+from fabrik_common.ids import new_ulid
 from fabrik_common.topology import LLM, RUNS
 from fabrik_optimizer.analytics.ingest import RUN_SUBJECTS, Costing, apply_events
-from fabrik_optimizer.analytics.store import AnalyticsStore
+from fabrik_optimizer.analytics.store import OLD_INFIX, REBUILD_INFIX, AnalyticsStore, PostgresLocation
 
 log = logging.getLogger(__name__)
 
@@ -330,36 +332,10 @@ class Rebuilder:
         async with self._running:
             started = time.monotonic()
             live = self._get()
-            in_memory = live.path == ":memory:"
-            target = ":memory:" if in_memory else f"{live.path}.rebuild"
-            if not in_memory:
-                remove_database(Path(target))
-            fresh = AnalyticsStore(target, bulk=not in_memory)
-            try:
-                first = await replay_into(self.js, fresh, self.costing)
-                async with self.lock:
-                    rest = await replay_into(
-                        self.js,
-                        fresh,
-                        self.costing,
-                        runs_from=first.runs_end + 1,
-                        llm_from=first.llm_end + 1,
-                    )
-                    if in_memory:
-                        self._set(fresh)
-                        live.close()
-                    else:
-                        fresh.finish()
-                        live.close()
-                        remove_database(Path(live.path))
-                        os.replace(target, live.path)
-                        self._set(AnalyticsStore(live.path))
-            except BaseException:
-                if not in_memory:
-                    with contextlib.suppress(Exception):
-                        fresh.close()
-                    remove_database(Path(target))
-                raise
+            if live.postgres is not None:
+                first, rest = await self._rebuild_postgres(live.postgres)
+            else:
+                first, rest = await self._rebuild_sqlite(live)
             runs, calls = self._get().counts()
             result = {
                 "run_events": first.run_events + rest.run_events,
@@ -370,3 +346,70 @@ class Rebuilder:
             }
             log.info("analytics store rebuilt from the streams", extra=result)
             return result
+
+    async def _catch_up(self, fresh: AnalyticsStore, first: ReplayCounts) -> ReplayCounts:
+        """Replay what arrived since `first` (called holding the write lock: nothing more arrives)."""
+        return await replay_into(
+            self.js, fresh, self.costing, runs_from=first.runs_end + 1, llm_from=first.llm_end + 1
+        )
+
+    async def _rebuild_sqlite(self, live: AnalyticsStore) -> tuple[ReplayCounts, ReplayCounts]:
+        """Replay into `<file>.rebuild` (bulk), then swap the file in and reopen it."""
+        in_memory = live.path == ":memory:"
+        target = ":memory:" if in_memory else f"{live.path}.rebuild"
+        if not in_memory:
+            remove_database(Path(target))
+        fresh = AnalyticsStore(target, bulk=not in_memory)
+        try:
+            first = await replay_into(self.js, fresh, self.costing)
+            async with self.lock:
+                rest = await self._catch_up(fresh, first)
+                if in_memory:
+                    self._set(fresh)
+                    live.close()
+                else:
+                    fresh.finish()
+                    live.close()
+                    remove_database(Path(live.path))
+                    os.replace(target, live.path)
+                    self._set(AnalyticsStore(live.path))
+        except BaseException:
+            if not in_memory:
+                with contextlib.suppress(Exception):
+                    fresh.close()
+                remove_database(Path(target))
+            raise
+        return first, rest
+
+    async def _rebuild_postgres(self, location: PostgresLocation) -> tuple[ReplayCounts, ReplayCounts]:
+        """Replay into a fresh schema `<schema>_rebuild_<ulid>` (bulk) while the live consumers go
+        on writing the live schema; then, holding the write lock, catch up and swap the schemas
+        with two renames in one transaction (readers see the old store or the new one, never a
+        half-built one), drop the old schema and reopen the live one."""
+        suffix = new_ulid().lower()
+        old_schema = f"{location.schema}{OLD_INFIX}{suffix}"
+        fresh = AnalyticsStore(location.with_schema(f"{location.schema}{REBUILD_INFIX}{suffix}"), bulk=True)
+        swapped = False
+        try:
+            first = await replay_into(self.js, fresh, self.costing)
+            async with self.lock:
+                rest = await self._catch_up(fresh, first)
+                live = self._get()
+                fresh.swap_into(location, old_schema)
+                swapped = True
+                live.close()
+                self._set(AnalyticsStore(location))
+            # Off the event loop and outside the lock: the drop waits for queries still running
+            # on the old tables; the new store serves meanwhile.
+            await asyncio.to_thread(fresh.drop_schema, old_schema)
+        except BaseException:
+            if not swapped:
+                try:
+                    fresh.drop()
+                except Exception as exc:  # noqa: BLE001 - the rebuild's own error is the one to raise
+                    log.warning(
+                        "dropping the rebuild's schema failed; it is dropped at the next start",
+                        extra={"error": repr(exc)},
+                    )
+            raise
+        return first, rest
