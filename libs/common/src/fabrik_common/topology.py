@@ -92,9 +92,13 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
         "Where runs started from GitHub or Slack report back (check run, comment, thread); by run id",
     ),
     BucketSpec("limits", "Shared counters for rate limits and budgets"),
+    BucketSpec(
+        "alerts", "Open alert episodes and what was delivered for them; written only by the scheduler"
+    ),
     BucketSpec("leases", "Leader-election leases of services that need one decider"),
     BucketSpec("queue", "The scheduler's queue snapshot in dispatch order; written only by the scheduler"),
     BucketSpec("idempotency", "Idempotency-Key of submits -> run id, kept a day", ttl_seconds=24 * 3600),
+    BucketSpec("backups", "Backup, verify and restore operations and their states (the backup service's)"),
     # One revision per key: a replaced or deleted secret does not linger in the bucket's history.
     BucketSpec(
         "envs",
