@@ -37,6 +37,7 @@ from fabrik_common.events import (
     RunCancelRequested,
     RunDispatched,
     RunFinished,
+    RunHealthChanged,
     RunLogChunk,
     RunParameters,
     RunProgress,
@@ -149,6 +150,19 @@ SAMPLES: dict[type[Event], Callable[[], Event]] = {
     ),
     RunBudgetExceeded: lambda: RunBudgetExceeded(
         run_id=new_ulid(), project="web-app", scope="project", budget_usd=50.0, spent_usd=50.27
+    ),
+    RunHealthChanged: lambda: RunHealthChanged(
+        run_id=new_ulid(),
+        project="web-app",
+        attempt=4,
+        from_health="stalled",
+        to_health="failed",
+        decision="fail",
+        reason="heals_exhausted",
+        heal_attempt=3,
+        category="transient_exhausted",
+        message="no progress after 3 healing attempts",
+        last_progress_at=T0,
     ),
     RunLogChunk: lambda: RunLogChunk(
         run_id=new_ulid(),

@@ -249,6 +249,30 @@ class RunBudgetExceeded(RunEventBase, frozen=True, kw_only=True, tag="run.budget
     spent_usd: NonNegFloat
 
 
+RunHealth = Literal["healthy", "stalled", "healing", "failed"]
+HealthCategory = Literal["workload_error", "infra_error", "transient_exhausted", "unknown"]
+
+
+class RunHealthChanged(RunEventBase, frozen=True, kw_only=True, tag="run.health_changed"):
+    """The scheduler's view of a run's liveness changed, or it decided how to heal it.
+
+    `decision` says what the scheduler did: `stall` (no progress for the threshold), `heal` (a new
+    attempt, `attempt` being that new attempt, `heal_attempt` its number in the healing episode),
+    `recover` (progress again), `fail` (given up: `category` and `message` say why)."""
+
+    SUBJECT = "fabrik.runs.health_changed.{run_id}"
+    project: ProjectName
+    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    from_health: RunHealth
+    to_health: RunHealth
+    decision: Literal["stall", "heal", "recover", "fail"]
+    reason: str = ""
+    heal_attempt: NonNegInt = 0
+    category: HealthCategory | None = None
+    message: str = ""
+    last_progress_at: UtcDatetime | None = None
+
+
 RunEvent = (
     RunRequested
     | RunCancelRequested
@@ -261,6 +285,7 @@ RunEvent = (
     | RunResultReported
     | RunFinished
     | RunBudgetExceeded
+    | RunHealthChanged
 )
 
 # --------------------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ import msgspec
 
 from fabrik_common.events import (
     TERMINAL_STATES,
+    HealthCategory,
     NonNegInt,
     Outcome,
     Resources,
+    RunHealth,
     RunParameters,
     RunState,
 )
@@ -27,7 +29,10 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "starting": frozenset(
         {"running", "cancelling", "succeeded", "failed", "cancelled", "timed_out", "budget_exceeded"}
     ),
-    "running": frozenset({"cancelling", "succeeded", "failed", "cancelled", "timed_out", "budget_exceeded"}),
+    # running → queued: a stalled run healed with a new attempt (the scheduler's run health).
+    "running": frozenset(
+        {"queued", "cancelling", "succeeded", "failed", "cancelled", "timed_out", "budget_exceeded"}
+    ),
     "cancelling": frozenset({"cancelled", "succeeded", "failed", "timed_out", "budget_exceeded"}),
     "succeeded": frozenset(),
     "failed": frozenset({"queued"}),
@@ -85,6 +90,24 @@ class AttemptRecord(msgspec.Struct, kw_only=True):
     workload_ref: str | None = None
 
 
+class RunHealthRecord(msgspec.Struct, kw_only=True):
+    """The run's liveness as the scheduler judges it (see docs/run-health.md)."""
+
+    state: RunHealth = "healthy"
+    since: datetime | None = None
+    reason: str | None = None
+    category: HealthCategory | None = None
+    message: str = ""
+    last_progress_at: datetime | None = None
+    """When the scheduler last saw progress of the current attempt (its own clock)."""
+    heals: NonNegInt = 0
+    """Healing attempts in the current episode (reset when the run recovers)."""
+    heals_total: NonNegInt = 0
+    first_heal_at: datetime | None = None
+    changes: NonNegInt = 0
+    """Health changes so far: numbers the `run.health_changed` announcements (message ids)."""
+
+
 class RunRecord(msgspec.Struct, kw_only=True):
     """A run as the scheduler keeps it in the `runs` KV bucket (key = run id)."""
 
@@ -117,6 +140,7 @@ class RunRecord(msgspec.Struct, kw_only=True):
     # Stream sequence of the last `llm.usage` event added to cost_usd/tokens (exactly-once).
     usage_seq: int = 0
     llm_calls: int = 0
+    health: RunHealthRecord = msgspec.field(default_factory=RunHealthRecord)
     revision: int = 0
 
     @property

@@ -7,7 +7,7 @@ One durable consumer over all the subjects keeps each run's events in stream ord
 from __future__ import annotations
 
 from fabrik_common.bus import Context, Router
-from fabrik_common.events import LlmUsage
+from fabrik_common.events import AlertRaised, AlertResolved, LlmUsage
 from fabrik_scheduler.scheduler import SchedulerInput
 from fabrik_scheduler.state import SchedulerState
 
@@ -39,3 +39,18 @@ async def on_run_input(event: SchedulerInput, ctx: Context[SchedulerState]) -> N
 async def on_llm_usage(event: LlmUsage, ctx: Context[SchedulerState]) -> None:
     async with ctx.state.lock:
         await ctx.state.scheduler.apply_usage(event, ctx.stream_sequence)
+
+
+# Alerts to deliver: one at a time in stream order, on the leader; an episode's record keeps the
+# stream sequence of the last event applied, so a redelivery changes nothing (docs/alerts.md).
+@router.subscriber(
+    "fabrik.alerts.>",
+    durable="scheduler-alerts",
+    batch=1,
+    max_ack_pending=1,
+    max_deliver=10,
+    deliver_new_only=True,
+)
+async def on_alert(event: AlertRaised | AlertResolved, ctx: Context[SchedulerState]) -> None:
+    if ctx.state.alerts is not None:
+        await ctx.state.alerts.on_event(event, ctx.stream_sequence)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -18,12 +18,15 @@ import msgspec
 
 from fabrik_common.bus import MSG_ID
 from fabrik_common.events import (
+    AlertRaised,
+    AlertResolved,
     Event,
     LlmUsage,
     RunBudgetExceeded,
     RunCancelRequested,
     RunDispatched,
     RunFinished,
+    RunHealthChanged,
     RunProgress,
     RunQueued,
     RunRequested,
@@ -32,7 +35,7 @@ from fabrik_common.events import (
     RunStarted,
     RunStateChanged,
 )
-from fabrik_common.ids import utcnow
+from fabrik_common.ids import derived_ulid, utcnow
 from fabrik_common.runs import (
     ACTIVE_STATES,
     RESUMABLE_STATES,
@@ -40,6 +43,7 @@ from fabrik_common.runs import (
     Progress,
     QueueEntry,
     QueueSnapshot,
+    RunHealthRecord,
     RunRecord,
     Tokens,
     TransitionError,
@@ -48,6 +52,7 @@ from fabrik_common.runs import (
     parse_cpu,
     parse_memory,
 )
+from fabrik_scheduler import health
 from fabrik_scheduler.fairshare import Demand, FairShareQueue, QueuedRun
 from fabrik_scheduler.settings import SchedulerSettings
 from fabrik_scheduler.store import RunStore
@@ -119,6 +124,8 @@ class Scheduler:
         self.durations: deque[float] = deque(maxlen=DEFAULT_RECENT_DURATIONS)
         self.decisions = 0
         self.snapshot_dirty = True
+        self.health_policy = health_policy(settings)
+        self.health_decisions: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -216,6 +223,23 @@ class Scheduler:
         record = self.active.get(event.run_id) or await self.store.get(event.run_id)
         if record is None or record.state not in RESUMABLE_STATES:
             return
+        changes = (
+            [health.Change("recover", "healthy", "resumed", f"resumed by {event.requested_by}")]
+            if record.health.state == "failed"
+            else []
+        )
+        resumed = await self._resume(record, f"resumed by {event.requested_by}", changes)
+        if resumed is not None and changes:
+            await self._announce_health(resumed, record.health, changes[0])
+
+    async def _resume(
+        self,
+        record: RunRecord,
+        message: str,
+        health_changes: Sequence[health.Change] = (),
+    ) -> RunRecord | None:
+        """The next attempt of a run: same run id, image digest and workspace (the executor's
+        volume is per run), back in the queue. A user's resume and a heal both come here."""
         attempt = record.attempt + 1
 
         def next_attempt(r: RunRecord) -> None:
@@ -224,15 +248,16 @@ class Scheduler:
             r.queued_at = self.clock()
             r.finished_at = None
             r.exit_code = None
+            for change in health_changes:
+                r.health = health.apply(r.health, change, self.clock())
 
-        resumed = await self._transition(
-            record, "queued", reason=None, message=f"resumed by {event.requested_by}", mutate=next_attempt
-        )
+        resumed = await self._transition(record, "queued", reason=None, message=message, mutate=next_attempt)
         if resumed is not None:
             await self._emit(
                 RunQueued(run_id=resumed.run_id, project=resumed.project, attempt=attempt),
                 f"queued-{resumed.run_id}-{attempt}",
             )
+        return resumed
 
     async def _on_started(self, event: RunStarted) -> None:
         record = self.active.get(event.run_id)
@@ -254,6 +279,9 @@ class Scheduler:
         if record is None or event.attempt != record.attempt or record.state not in ACTIVE_STATES:
             return
 
+        before = record.health
+        change = health.on_progress(record)
+
         def progressed(r: RunRecord) -> None:
             r.progress = Progress(
                 phase=event.phase,
@@ -263,8 +291,14 @@ class Scheduler:
                 message=event.message,
                 updated_at=event.occurred_at,
             )
+            now = self.clock()
+            r.health = msgspec.structs.replace(r.health, last_progress_at=now)
+            if change is not None and r.health.state == before.state:
+                r.health = health.apply(r.health, change, now)
 
-        await self._write(record, progressed)
+        updated = await self._write(record, progressed)
+        if updated is not None and change is not None and updated.health.state != before.state:
+            await self._announce_health(updated, before, change)
 
     async def _on_result(self, event: RunResultReported) -> None:
         record = self.active.get(event.run_id)
@@ -418,6 +452,146 @@ class Scheduler:
                     )
         return reaped
 
+    async def check_health(self) -> int:
+        """The health pass: stall the running runs without progress, then heal or fail them.
+        Returns how many runs changed health."""
+        now = self.clock()
+        changed = 0
+        for record in list(self.active.values()):
+            changes = health.assess(record, now, self.health_policy)
+            if not changes:
+                continue
+            stall, decision = changes[0], changes[1] if len(changes) > 1 else None
+            if decision is None:
+                before = record.health
+
+                def stalled(r: RunRecord, change: health.Change = stall) -> None:
+                    r.health = health.apply(r.health, change, now)
+
+                updated = await self._write(record, stalled)
+                if updated is not None:
+                    await self._announce_health(updated, before, stall)
+            elif decision.decision == "heal":
+                updated = await self._heal(record, stall, decision, now)
+            else:
+                updated = await self._fail_unhealthy(record, stall, decision, now)
+            if updated is not None:
+                changed += 1
+        return changed
+
+    async def _heal(
+        self, record: RunRecord, stall: health.Change, heal: health.Change, now: datetime
+    ) -> RunRecord | None:
+        """Resume a stalled run as a new attempt; the executor stops the stalled workload when
+        the new attempt's dispatch reaches it (a newer attempt supersedes the older one)."""
+        before = record.health
+        healed = await self._resume(record, f"healing: {stall.message}; {heal.message}", [stall, heal])
+        if healed is None:
+            return None
+        stalled_health = health.apply(before, stall, now)
+        await self._announce_health(
+            msgspec.structs.replace(healed, attempt=record.attempt, health=stalled_health), before, stall
+        )
+        await self._announce_health(healed, stalled_health, heal)
+        return healed
+
+    async def _fail_unhealthy(
+        self, record: RunRecord, stall: health.Change, fail: health.Change, now: datetime
+    ) -> RunRecord | None:
+        before = record.health
+
+        def give_up(r: RunRecord) -> None:
+            self._finish_now(r)
+            r.health = health.apply(health.apply(r.health, stall, now), fail, now)
+
+        done = await self._transition(
+            record, "failed", reason="stalled", message=f"{stall.message}; {fail.message}", mutate=give_up
+        )
+        if done is None:
+            return None
+        stalled_health = health.apply(before, stall, now)
+        await self._announce_health(msgspec.structs.replace(done, health=stalled_health), before, stall)
+        await self._announce_health(done, stalled_health, fail)
+        await self._emit(
+            RunCancelRequested(run_id=record.run_id, requested_by="scheduler", reason="stalled"),
+            f"cancel-health-{record.run_id}-{record.attempt}",
+        )
+        return done
+
+    async def _announce_health(
+        self, record: RunRecord, before: RunHealthRecord, change: health.Change
+    ) -> None:
+        """`run.health_changed` for a change written in `record`, and the run's health alert."""
+        after = record.health
+        seq = after.changes
+        self.health_decisions[(change.decision, change.category or "")] = (
+            self.health_decisions.get((change.decision, change.category or ""), 0) + 1
+        )
+        log.warning(
+            "run health changed",
+            extra={
+                "run_id": record.run_id,
+                "from": before.state,
+                "to": change.to_health,
+                "decision": change.decision,
+                "category": change.category,
+                "detail": change.message,
+            },
+        )
+        await self._emit(
+            RunHealthChanged(
+                run_id=record.run_id,
+                project=record.project,
+                attempt=record.attempt,
+                from_health=before.state,
+                to_health=change.to_health,
+                decision=change.decision,
+                reason=change.reason,
+                heal_attempt=after.heals if change.decision == "heal" else before.heals,
+                category=change.category,
+                message=change.message,
+                last_progress_at=before.last_progress_at,
+            ),
+            f"health-{record.run_id}-{seq}",
+        )
+        key = f"run.health.{record.run_id}"
+        alert_id = derived_ulid(f"{key}#{seq}")
+        if change.decision in ("stall", "fail"):
+            failed = change.decision == "fail"
+            await self._emit(
+                AlertRaised(
+                    event_id=alert_id,
+                    alert_id=alert_id,
+                    key=key,
+                    severity="critical" if failed else "warning",
+                    source="scheduler",
+                    title=(
+                        f"Run {record.run_id} in {record.project} failed its health check"
+                        if failed
+                        else f"Run {record.run_id} in {record.project} stalled"
+                    ),
+                    message=change.message,
+                    entity_kind="run",
+                    entity_id=record.run_id,
+                    project=record.project,
+                    labels={
+                        "kind": "run_health",
+                        "health": change.to_health,
+                        **({"category": change.category} if change.category else {}),
+                        # A failed run does not get better: say it once.
+                        **({"realert_seconds": "0"} if failed else {}),
+                    },
+                ),
+                f"alert-{alert_id}",
+            )
+        elif change.decision == "recover" and before.state != "healthy":
+            await self._emit(
+                AlertResolved(
+                    event_id=alert_id, alert_id=alert_id, key=key, source="scheduler", message=change.message
+                ),
+                f"alert-{alert_id}",
+            )
+
     def snapshot(self) -> QueueSnapshot:
         order = self.queue.order()
         cluster = self.queue.cluster
@@ -544,12 +718,21 @@ class Scheduler:
             if mutate is not None:
                 mutate(r)
             r.deadline = self._deadline(r, target, now)
+            if is_terminal(target):
+                ended = health.on_run_ended(r, target, reason, message)
+                if ended is not None:
+                    r.health = health.apply(r.health, ended, now)
+                    health_changes.append(ended)
             return r
 
+        health_changes: list[health.Change] = []
+        health_before = record.health
         updated = await self.store.update(record, change)
         if updated is None:
             return None
         self.decisions += 1
+        if health_changes:
+            await self._announce_health(updated, health_before, health_changes[-1])
         if is_terminal(updated.state):
             self._untrack(updated)
             self._remember_duration(updated)
@@ -559,7 +742,7 @@ class Scheduler:
         await self._announce(updated, expected)
         return updated
 
-    async def _write(self, record: RunRecord, mutate: Callable[[RunRecord], None]) -> None:
+    async def _write(self, record: RunRecord, mutate: Callable[[RunRecord], None]) -> RunRecord | None:
         """A change of the record that is not a transition (progress, result, attempt details)."""
 
         def change(r: RunRecord) -> RunRecord | None:
@@ -571,6 +754,7 @@ class Scheduler:
         updated = await self.store.update(record, change)
         if updated is not None and updated.run_id in self.active:
             self.active[updated.run_id] = updated
+        return updated
 
     async def _announce(self, record: RunRecord, from_state: str | None) -> None:
         await self._emit(
@@ -613,6 +797,16 @@ class Scheduler:
 
     async def _emit(self, event: Event, message_id: str) -> None:
         await self.publisher.publish(event, headers={MSG_ID: message_id})
+
+
+def health_policy(settings: SchedulerSettings) -> health.HealthPolicy:
+    return health.HealthPolicy(
+        stall_after=timedelta(seconds=settings.health_stall_seconds),
+        heal_attempts=settings.health_heal_attempts,
+        heal_window=timedelta(seconds=settings.health_heal_window_seconds),
+        heal_progress=timedelta(seconds=settings.health_heal_progress_seconds),
+        max_heal_age=timedelta(seconds=settings.health_max_heal_age_seconds),
+    )
 
 
 def estimate_eta(position: int, free_slots: int, slots: int, median_duration: float | None) -> float | None:

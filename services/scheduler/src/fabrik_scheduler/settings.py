@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
 import msgspec
 
 from fabrik_common.settings import CommonSettings, Port, PositiveFloat, PositiveInt
+from fabrik_scheduler.alerting.rules import load_rules
 
 
 class ProjectLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -38,3 +40,55 @@ class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
     dispatch_interval_seconds: PositiveFloat = 1.0
     snapshot_interval_seconds: PositiveFloat = 1.0
     lease_ttl_seconds: PositiveFloat = 6.0
+    # Cron schedules (docs/schedules.md): how often the leader looks for due slots and checks health.
+    schedule_interval_seconds: PositiveFloat = 1.0
+    # Run health (docs/run-health.md).
+    health_stall_seconds: PositiveFloat = 1800.0
+    health_heal_attempts: Annotated[int, msgspec.Meta(ge=0, le=20)] = 3
+    health_heal_window_seconds: PositiveFloat = 1800.0
+    health_heal_progress_seconds: PositiveFloat = 600.0
+    health_max_heal_age_seconds: PositiveFloat = 23 * 3600.0
+    health_interval_seconds: PositiveFloat = 15.0
+    # Alert delivery (docs/alerts.md): routing rules (JSON inline or a file), channels' settings.
+    alert_rules: str = ""
+    alert_rules_file: str = ""
+    public_url: str = ""
+    alert_interval_seconds: PositiveFloat = 1.0
+    alert_delivery_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
+    alert_retry_base_seconds: PositiveFloat = 2.0
+    alert_retry_max_seconds: PositiveFloat = 600.0
+    alert_http_timeout_seconds: PositiveFloat = 10.0
+    alert_slack_bot_token: str = ""
+    alert_slack_bot_token_file: str = ""
+    alert_slack_api_url: str = "https://slack.com/api"
+    smtp_host: str = ""
+    smtp_port: Port = 587
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_password_file: str = ""
+    smtp_from: str = "fabrik@localhost"
+    smtp_timeout_seconds: PositiveFloat = 30.0
+    smtp_verify_tls: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked at start, naming the variable: rules that do not parse, secrets both set or unreadable.
+        load_rules(self.alert_rules, self.alert_rules_file)
+        self.secret("alert_slack_bot_token")
+        self.secret("smtp_password")
+
+    def secret(self, name: str) -> str:
+        """The secret setting `name`, from its value or from the file `<name>_file` (a mounted
+        Secret, stripped); a ValueError names the variable when both are set or the file cannot
+        be read."""
+        value: str = getattr(self, name)
+        file: str = getattr(self, f"{name}_file").strip()
+        variable = f"FABRIK_{name.upper()}"
+        if value.strip() and file:
+            raise ValueError(f"set one of {variable} or {variable}_FILE, not both")
+        if file:
+            try:
+                return Path(file).expanduser().read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"{variable}_FILE={file!r} cannot be read: {exc.strerror or exc}") from None
+        return value.strip()

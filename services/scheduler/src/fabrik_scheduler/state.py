@@ -6,7 +6,9 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from fabrik_scheduler.alerting.engine import AlertEngine
 from fabrik_scheduler.scheduler import DISPATCH_PASS_LIMIT, Scheduler
+from fabrik_scheduler.schedules.engine import ScheduleEngine
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +18,10 @@ class SchedulerState:
     scheduler: Scheduler
     # Every decision (handler, dispatch, reaper) holds this lock: one decider at a time.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Cron schedules (fabrik_scheduler.schedules): fired and watched by the leader.
+    schedules: ScheduleEngine | None = None
+    # Alert delivery (fabrik_scheduler.alerting): episodes, rules, channels; the leader delivers.
+    alerts: AlertEngine | None = None
 
 
 async def dispatch_loop(state: SchedulerState) -> None:
@@ -26,6 +32,25 @@ async def dispatch_loop(state: SchedulerState) -> None:
             dispatched = await state.scheduler.dispatch()
         # A full pass means more may fit: go again at once, letting inputs take the lock between.
         await asyncio.sleep(0 if dispatched >= DISPATCH_PASS_LIMIT else interval)
+
+
+async def health_loop(state: SchedulerState) -> None:
+    """Run health: stall the running runs that stopped making progress, heal or fail them."""
+    interval = state.scheduler.settings.health_interval_seconds
+    while True:
+        async with state.lock:
+            await state.scheduler.check_health()
+        await asyncio.sleep(interval)
+
+
+async def alert_loop(state: SchedulerState) -> None:
+    """Send pending alert notices (with retries) and re-alerts of open episodes."""
+    if state.alerts is None:
+        return
+    interval = state.scheduler.settings.alert_interval_seconds
+    while True:
+        await state.alerts.tick()
+        await asyncio.sleep(interval)
 
 
 async def reaper_loop(state: SchedulerState) -> None:

@@ -1,0 +1,1 @@
+"""Cron schedules: definitions, slot arithmetic, health, and the leader's firing engine."""
