@@ -198,7 +198,13 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
 
 def operations(document: dict[str, Any]) -> list[tuple[str, str]]:
     """(method, concrete path) of every API operation in the OpenAPI document."""
-    values = {"run_id": new_ulid(), "project": "demo", "env": "dev", "token_id": new_ulid()}
+    values = {
+        "run_id": new_ulid(),
+        "project": "demo",
+        "env": "dev",
+        "token_id": new_ulid(),
+        "schedule_id": new_ulid(),
+    }
     out = []
     for path, item in document["paths"].items():
         if not path.startswith("/api/v1/"):

@@ -30,7 +30,8 @@ INSIGHTS = f"{PREFIX}.insights"
 BUDGETS_GET = f"{PREFIX}.budgets.get"
 BUDGETS_PUT = f"{PREFIX}.budgets.put"
 REBUILD = f"{PREFIX}.rebuild"
-SUBJECTS: tuple[str, ...] = (COSTS, INSIGHTS, BUDGETS_GET, BUDGETS_PUT, REBUILD)
+RUN_LLM_CALLS = f"{PREFIX}.run_llm_calls"
+SUBJECTS: tuple[str, ...] = (COSTS, INSIGHTS, BUDGETS_GET, BUDGETS_PUT, REBUILD, RUN_LLM_CALLS)
 QUEUE_GROUP = "optimizer"
 
 CostGroup = Literal["project", "spec", "model", "day"]
@@ -278,6 +279,40 @@ class RebuildResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag=
     runs: int
     llm_calls: int
     seconds: float
+
+
+# ------------------------------------------------------------------------------------------------
+# the LLM calls of one run
+
+
+class RunLlmCallsRequest(_Struct, frozen=True, kw_only=True):
+    run_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{26}$")]
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    """At most this many calls, the earliest first."""
+
+
+class LlmCall(_Struct, frozen=True, kw_only=True):
+    call_id: str
+    model: str
+    provider: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cost_usd: Decimal
+    latency_ms: float | None
+    outcome: str
+    occurred_at: UtcDatetime
+
+
+class RunLlmCallsResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="run_llm_calls"):
+    run_id: str
+    calls: list[LlmCall]
+    """In the order they were made (by `occurred_at`), at most `limit` of them."""
+    total: int
+    """Calls of the run in the store (more than `len(calls)` when `limit` cut the list)."""
+    cost_usd: Decimal
+    """Cost of all `total` calls."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,10 +15,12 @@ from litestar.openapi.spec import Components, Schema, SecurityScheme
 
 from fabrik_common import specs
 from fabrik_common.service import Service, run_service
-from fabrik_gateway import envs, models
+from fabrik_gateway import envs, models, schedules
 from fabrik_gateway.api import EnvsController, RunsController, SystemController, stream
 from fabrik_gateway.api.access import AccessController
 from fabrik_gateway.api.analytics import AnalyticsController
+from fabrik_gateway.api.dashboard import dashboard_router
+from fabrik_gateway.api.schedules import SchedulesController
 from fabrik_gateway.api.webhooks_github import github_webhook_route
 from fabrik_gateway.api.webhooks_slack import slack_webhook
 from fabrik_gateway.audit import AuditTrail, audit_middleware
@@ -106,7 +108,9 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
             EnvsController,
             AccessController,
             AnalyticsController,
+            SchedulesController,
             *stream.route_handlers,
+            dashboard_router(),
             github_webhook_route(github),
             slack_webhook,
         ],
@@ -158,7 +162,7 @@ def close_strict_schemas(app: Litestar) -> None:
 
 _STRICT_MODELS: dict[str, type[msgspec.Struct]] = {
     cls.__name__: cls
-    for module in (models, specs, envs)
+    for module in (models, specs, envs, schedules)
     for cls in vars(module).values()
     if isinstance(cls, type)
     and issubclass(cls, msgspec.Struct)

@@ -140,6 +140,21 @@ class ResourcesView(msgspec.Struct, kw_only=True):
     memory_limit: str
 
 
+class HealthView(msgspec.Struct, kw_only=True):
+    """The run's liveness as the scheduler judges it (docs/run-health.md)."""
+
+    state: Literal["healthy", "stalled", "healing", "failed"] = "healthy"
+    since: datetime | None = None
+    reason: str | None = None
+    category: Literal["workload_error", "infra_error", "transient_exhausted", "unknown"] | None = None
+    """Why the scheduler gave up on the run (`failed`)."""
+    message: str = ""
+    last_progress_at: datetime | None = None
+    heals: int = 0
+    """Healing attempts in the current episode."""
+    heals_total: int = 0
+
+
 class RunView(msgspec.Struct, kw_only=True):
     """A run as the API shows it."""
 
@@ -170,6 +185,11 @@ class RunView(msgspec.Struct, kw_only=True):
     requested_by: str
     recorded: bool
     """false while only the gateway knows the run (submitted, not yet recorded by the scheduler)."""
+    health: HealthView = msgspec.field(default_factory=HealthView)
+    schedule_id: str | None = None
+    """The schedule that started the run (docs/schedules.md); null for a run submitted directly."""
+    schedule_slot: datetime | None = None
+    """The cron slot of that schedule the run is for."""
 
 
 class RunPage(msgspec.Struct, kw_only=True):

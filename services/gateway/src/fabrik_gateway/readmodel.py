@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Final, TypeVar
 
 from fabrik_common.runs import QueueEntry, QueueSnapshot, RunRecord
 from fabrik_gateway.models import (
+    HealthView,
     ProgressView,
     ProjectSummary,
     QueueInfo,
@@ -73,6 +74,13 @@ class SortedIds:
         for i in range(end - 1, -1, -1):
             yield ids[i]
 
+    def oldest_first(self, after: str | None = None) -> Iterator[str]:
+        """Ids strictly larger than `after` (all if None), smallest first."""
+        ids = self._ids
+        start = 0 if after is None else bisect_right(ids, after)
+        for i in range(start, len(ids)):
+            yield ids[i]
+
 
 class ReadModel:
     def __init__(self, *, queue_ahead_max: int = 20) -> None:
@@ -86,6 +94,8 @@ class ReadModel:
         self._by_label: dict[Label, SortedIds] = {}
         self._queue: QueueSnapshot | None = None
         self._queue_index: dict[str, int] = {}
+        self._search_text: dict[str, tuple[RunRecord, str]] = {}
+        """What text search looks in, per run (built on the first search, renewed with the record)."""
         self.ready = False
         """True once the initial content of the `runs` bucket has been loaded."""
 
@@ -100,6 +110,7 @@ class ReadModel:
             runs[run_id] = self._runs[run_id]
         self._runs = runs
         self._pending = pending
+        self._search_text = {}
         by_project: dict[str, list[str]] = {}
         by_state: dict[str, list[str]] = {}
         by_project_state: dict[tuple[str, str], list[str]] = {}
@@ -145,6 +156,7 @@ class ReadModel:
         """A record deleted from the bucket."""
         old = self._runs.pop(run_id, None)
         self._pending.discard(run_id)
+        self._search_text.pop(run_id, None)
         if old is not None:
             self._unindex(old)
 
@@ -190,11 +202,17 @@ class ReadModel:
         before: str | None = None,
         limit: int = 50,
         visible: frozenset[str] | None = None,
+        text: str | None = None,
+        oldest_first: bool = False,
+        healths: Sequence[str] = (),
     ) -> tuple[list[RunRecord], str | None]:
         """A page of runs, newest first, strictly older than `before`; and the cursor of the next
         page (the last id of this one) or None when nothing is left. `visible`: only runs of these
-        projects (None: of every project)."""
+        projects (None: of every project). `text`: only runs where it occurs (case-insensitive) in
+        the id, project, env, spec, requester, reason, message or a `key=value` label. With
+        `oldest_first`, the order is reversed and `before` means "strictly newer than"."""
         state_set = frozenset(states)
+        health_set = frozenset(healths)
         label_list = list(dict.fromkeys(labels))
         if project is not None:
             project_set: frozenset[str] | None = (
@@ -210,10 +228,14 @@ class ReadModel:
         if candidates is None:
             return [], None
         sources, _ = candidates
-        if len(sources) == 1:
-            ordered: Iterator[str] = sources[0].newest_first(before)
+        if oldest_first:
+            walks = [s.oldest_first(before) for s in sources]
         else:
-            ordered = heapq.merge(*(s.newest_first(before) for s in sources), reverse=True)
+            walks = [s.newest_first(before) for s in sources]
+        ordered: Iterator[str] = (
+            walks[0] if len(walks) == 1 else heapq.merge(*walks, reverse=not oldest_first)
+        )
+        needle = text.casefold() if text else None
         items: list[RunRecord] = []
         for run_id in ordered:
             record = self._runs[run_id]
@@ -223,10 +245,22 @@ class ReadModel:
                 continue
             if label_list and any(record.params.labels.get(k) != v for k, v in label_list):
                 continue
+            if needle is not None and needle not in self._searchable(record):
+                continue
+            if health_set and record.health.state not in health_set:
+                continue
             if len(items) == limit:
                 return items, items[-1].run_id
             items.append(record)
         return items, None
+
+    def _searchable(self, record: RunRecord) -> str:
+        cached = self._search_text.get(record.run_id)
+        if cached is not None and cached[0] is record:
+            return cached[1]
+        text = _search_text(record)
+        self._search_text[record.run_id] = (record, text)
+        return text
 
     def _candidates(
         self, projects: list[str] | None, states: list[str], labels: list[Label]
@@ -304,6 +338,18 @@ class ReadModel:
             image_digest=record.image_digest,
             requested_by=record.requested_by,
             recorded=record.run_id not in self._pending,
+            schedule_id=params.schedule_id,
+            schedule_slot=params.schedule_slot,
+            health=HealthView(
+                state=record.health.state,
+                since=record.health.since,
+                reason=record.health.reason,
+                category=record.health.category,
+                message=record.health.message,
+                last_progress_at=record.health.last_progress_at,
+                heals=record.health.heals,
+                heals_total=record.health.heals_total,
+            ),
         )
 
     def queue_info(self, run_id: str) -> QueueInfo:
@@ -365,6 +411,22 @@ def _eta(snapshot: QueueSnapshot, entry: QueueEntry) -> datetime | None:
     if entry.eta_seconds is None:
         return None
     return snapshot.taken_at + timedelta(seconds=entry.eta_seconds)
+
+
+def _search_text(record: RunRecord) -> str:
+    """What an operator searches a run by, case-folded, fields separated by a newline (which no
+    search text holds, so that a match never spans two fields)."""
+    fields = [
+        record.run_id,
+        record.project,
+        record.env,
+        record.spec_id or "",
+        record.requested_by or "",
+        record.reason or "",
+        record.message or "",
+        *(f"{k}={v}" for k, v in record.params.labels.items()),
+    ]
+    return "\n".join(fields).casefold()
 
 
 def _union(parts: Sequence[SortedIds | None]) -> tuple[list[SortedIds], int]:

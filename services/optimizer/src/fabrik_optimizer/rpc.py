@@ -38,11 +38,14 @@ from fabrik_common.optimizer_rpc import (
     FailingSpecRow,
     InsightsRequest,
     InsightsResponse,
+    LlmCall,
     OomRow,
     RebuildRequest,
     RebuildResponse,
     RetriedRun,
     RpcError,
+    RunLlmCallsRequest,
+    RunLlmCallsResponse,
     SuccessRateRow,
     month_of,
 )
@@ -116,6 +119,48 @@ def insights_response(store: AnalyticsStore, request: InsightsRequest) -> Insigh
     )
 
 
+def run_llm_calls_response(store: AnalyticsStore, request: RunLlmCallsRequest) -> RunLlmCallsResponse:
+    """The LLM calls of one run, earliest first (run ids match in either case: Kubernetes names
+    carry them in lower case)."""
+    ids = sorted({request.run_id.upper(), request.run_id.lower()})
+    marks = ", ".join("?" for _ in ids)
+    summary = store.query(
+        f"SELECT COUNT(*) AS calls, SUM(cost_nanos) AS cost_nanos FROM llm_calls WHERE run_id IN ({marks})",  # noqa: S608 - placeholders only
+        ids,
+    )
+    rows = store.query(
+        f"""
+        SELECT call_id, model, provider, input_tokens, output_tokens, cache_read_tokens,
+               cache_write_tokens, cost_nanos, latency_ms, outcome, occurred_at
+        FROM llm_calls WHERE run_id IN ({marks})
+        ORDER BY occurred_at, call_id
+        LIMIT ?
+        """,  # noqa: S608 - placeholders only
+        [*ids, request.limit],
+    )
+    calls = [
+        LlmCall(
+            call_id=row["call_id"],
+            model=row["model"],
+            provider=row["provider"],
+            input_tokens=int(row["input_tokens"]),
+            output_tokens=int(row["output_tokens"]),
+            cache_read_tokens=int(row["cache_read_tokens"]),
+            cache_write_tokens=int(row["cache_write_tokens"]),
+            cost_usd=Decimal(int(row["cost_nanos"])).scaleb(-9),
+            latency_ms=None if row["latency_ms"] is None else float(row["latency_ms"]),
+            outcome=row["outcome"],
+            occurred_at=datetime.fromisoformat(row["occurred_at"]),
+        )
+        for row in rows
+    ]
+    total = int(summary[0]["calls"]) if summary else 0
+    cost = int(summary[0]["cost_nanos"] or 0) if summary else 0
+    return RunLlmCallsResponse(
+        run_id=request.run_id, calls=calls, total=total, cost_usd=Decimal(cost).scaleb(-9)
+    )
+
+
 class RpcServer:
     """Subscribes the request subjects and answers them from the service's state."""
 
@@ -144,6 +189,7 @@ class RpcServer:
             (rpc.BUDGETS_GET, self._handler(BudgetsGetRequest, self.budgets_get)),
             (rpc.BUDGETS_PUT, self._handler(BudgetsPutRequest, self.budgets_put)),
             (rpc.REBUILD, self._handler(RebuildRequest, self.rebuild)),
+            (rpc.RUN_LLM_CALLS, self._handler(RunLlmCallsRequest, self.run_llm_calls)),
         ]
         for subject, cb in routes:
             self._subs.append(await self.nc.subscribe(subject, queue=rpc.QUEUE_GROUP, cb=cb))
@@ -290,6 +336,9 @@ class RpcServer:
             now,
         )
         return BudgetsPutResponse(definition=definition, status=status)
+
+    async def run_llm_calls(self, request: RunLlmCallsRequest) -> RunLlmCallsResponse:
+        return await self._query(lambda store: run_llm_calls_response(store, request))
 
     async def rebuild(self, request: RebuildRequest) -> RebuildResponse:
         try:

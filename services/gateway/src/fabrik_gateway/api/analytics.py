@@ -17,7 +17,7 @@ from typing import Annotated, Any, Final, cast, get_args
 import msgspec
 from litestar import Controller, Request, get, post, put
 from litestar.di import NamedDependency
-from litestar.params import JSONBody, Parameter, QueryParameter
+from litestar.params import FromPath, JSONBody, Parameter, QueryParameter
 
 from fabrik_common import optimizer_rpc as rpc
 from fabrik_common.ids import is_dns1123_label
@@ -40,6 +40,7 @@ from fabrik_gateway.optimizer import ask, ask_each, narrowed_costs, totals_of, v
 from fabrik_gateway.problems import invalid
 
 GROUPS: Final = get_args(CostGroupBy)
+LLM_CALLS_MAX: Final = 10_000
 _PERIOD = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])$")
 
 UNAVAILABLE = {
@@ -50,6 +51,33 @@ UNAVAILABLE = {
 }
 BAD_GATEWAY = {502: problem_spec("The optimizer failed, or answered something the gateway cannot read")}
 OPTIMIZER = {**UNAVAILABLE, **BAD_GATEWAY}
+
+
+class LlmCallView(msgspec.Struct, kw_only=True):
+    """One LLM call a run made through the llm-proxy."""
+
+    call_id: str
+    model: str
+    provider: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cost_usd: str
+    """Exact decimal string (USD)."""
+    latency_ms: float | None
+    outcome: str
+    occurred_at: datetime
+
+
+class RunLlmCalls(msgspec.Struct, kw_only=True):
+    run_id: str
+    calls: list[LlmCallView]
+    """Earliest first, at most `limit`."""
+    total: int
+    """All calls of the run the optimizer has recorded."""
+    cost_usd: str
+    """Cost of all `total` calls (exact decimal string, USD)."""
 
 
 def _utc_param(errors: QueryErrors, name: str, value: str | None) -> datetime | None:
@@ -318,6 +346,47 @@ class AnalyticsController(Controller):
             seconds=gateway.settings.optimizer_timeout_seconds,
         )
         return view(answer, Insights, project=project_name)
+
+    @get(
+        "/runs/{run_id:str}/llm-calls",
+        summary="A run's LLM calls",
+        description=(
+            "The LLM calls the run made through the llm-proxy (model, tokens, exact cost, latency, outcome), "
+            "earliest first, as the optimizer recorded them; `total` and `cost_usd` count all of them even "
+            "when `limit` cuts the list."
+        ),
+        responses={
+            **BAD_QUERY,
+            404: problem_spec("No such run"),
+            **OPTIMIZER,
+        },
+    )
+    async def run_llm_calls(
+        self,
+        gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
+        run_id: FromPath[str],
+        limit: Annotated[
+            str | None,
+            Parameter(
+                description=f"At most this many calls (default 1000, at most {LLM_CALLS_MAX})",
+                schema_extra={"oneOf": None, "type": "integer", "minimum": 1, "maximum": LLM_CALLS_MAX},
+            ),
+        ] = None,
+    ) -> RunLlmCalls:
+        errors = QueryErrors()
+        size = int_param(errors, "limit", limit, default=1000, minimum=1, maximum=LLM_CALLS_MAX)
+        errors.raise_if_any()
+        assert size is not None
+        record = gateway.find(run_id, principal)
+        answer = await ask(
+            gateway.bus.nc,
+            rpc.RUN_LLM_CALLS,
+            rpc.RunLlmCallsRequest(run_id=record.run_id, limit=size),
+            rpc.RunLlmCallsResponse,
+            seconds=gateway.settings.optimizer_timeout_seconds,
+        )
+        return view(answer, RunLlmCalls, run_id=record.run_id)
 
     @post(
         "/analytics/rebuild",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -14,6 +16,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.response.base import ASGIResponse
 
 from fabrik_common.events import TERMINAL_STATES
+from fabrik_common.ids import is_ulid
 from fabrik_gateway.api.params import (
     QueryErrors,
     bool_param,
@@ -56,8 +59,46 @@ def problem_spec(description: str) -> ResponseSpec:
 
 
 BAD_QUERY = {400: problem_spec("Invalid query parameters, each named in `errors`")}
+HEALTH_STATES = ("healthy", "stalled", "healing", "failed")
 NOT_FOUND = {404: problem_spec("No such run")}
 UNAVAILABLE = {503: problem_spec("Not connected to NATS yet, or the read model is still loading")}
+TEXT_MAX = 200
+_OLDEST_FIRST_CURSOR = "a1:"
+
+
+def _oldest_first_cursor(run_id: str) -> str:
+    return base64.urlsafe_b64encode((_OLDEST_FIRST_CURSOR + run_id).encode()).decode().rstrip("=")
+
+
+def _page_cursor(errors: QueryErrors, text: str | None, oldest_first: bool) -> str | None:
+    """The run id a cursor of this listing's order encodes (a cursor of the other order is refused)."""
+    if not oldest_first or text is None or text == "":
+        return cursor_param(errors, text)
+    try:
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        decoded = ""
+    run_id = decoded.removeprefix(_OLDEST_FIRST_CURSOR)
+    if not decoded.startswith(_OLDEST_FIRST_CURSOR) or not is_ulid(run_id):
+        errors.add(
+            "cursor", "is not a cursor of an order=oldest listing (use next_cursor of the previous page)"
+        )
+        return None
+    return run_id
+
+
+def health_param(errors: QueryErrors, values: list[str] | None) -> list[str]:
+    """`health=stalled,healing` (or repeated): run health states, each checked."""
+    healths: list[str] = []
+    for value in values or ():
+        for item in (v.strip() for v in value.split(",")):
+            if not item:
+                continue
+            if item not in HEALTH_STATES:
+                errors.add("health", f"{item!r} is not a run health; use one of: " + ", ".join(HEALTH_STATES))
+            else:
+                healths.append(item)
+    return healths
 
 
 async def validate_submit_body(request: Request[Any, Any, Any]) -> None:
@@ -137,8 +178,9 @@ class RunsController(Controller):
         "/",
         summary="List runs",
         description=(
-            "Newest first. Filters combine with AND; `state` and `label` may repeat (`state` also takes a "
-            "comma-separated list: any of them). Pass `next_cursor` as `cursor` for the next page."
+            "Newest first (`order=oldest`: oldest first). Filters combine with AND; `state` and `label` may "
+            "repeat (`state` also takes a comma-separated list: any of them); `q` keeps runs mentioning a "
+            "text. Pass `next_cursor` as `cursor` for the next page (with the same `order`)."
         ),
         responses={**BAD_QUERY, **UNAVAILABLE},
     )
@@ -161,12 +203,39 @@ class RunsController(Controller):
             ),
         ] = None,
         cursor: Annotated[str | None, Parameter(description="`next_cursor` of the previous page")] = None,
+        health_filter: Annotated[
+            list[str] | None,
+            QueryParameter(
+                name="health",
+                description=(
+                    "Only runs in one of these health states (`healthy`, `stalled`, `healing`, `failed`; "
+                    "repeatable or comma-separated)"
+                ),
+            ),
+        ] = None,
+        q: Annotated[
+            str | None,
+            Parameter(
+                description=(
+                    "Only runs where this text occurs (case-insensitive) in the id, project, env, spec, "
+                    f"requester, reason, message or a `key=value` label; at most {TEXT_MAX} characters"
+                ),
+            ),
+        ] = None,
+        order: Annotated[
+            str | None,
+            Parameter(
+                description="`newest` (default) or `oldest` first",
+                schema_extra={"enum": ["newest", "oldest"]},
+            ),
+        ] = None,
     ) -> RunPage:
         settings = gateway.settings
         errors = QueryErrors()
         project_name = project_param(errors, project)
         states = states_param(errors, state_filter)
         labels = labels_param(errors, label)
+        healths = health_param(errors, health_filter)
         page_size = int_param(
             errors,
             "limit",
@@ -175,7 +244,13 @@ class RunsController(Controller):
             minimum=1,
             maximum=settings.list_max_limit,
         )
-        before = cursor_param(errors, cursor)
+        if order not in (None, "", "newest", "oldest"):
+            errors.add("order", "must be newest or oldest")
+        oldest_first = order == "oldest"
+        before = _page_cursor(errors, cursor, oldest_first)
+        text = (q or "").strip() or None
+        if text is not None and len(text) > TEXT_MAX:
+            errors.add("q", f"must be at most {TEXT_MAX} characters")
         errors.raise_if_any()
         gateway.require_ready()
         assert page_size is not None
@@ -186,11 +261,15 @@ class RunsController(Controller):
             before=before,
             limit=page_size,
             visible=principal.visible_projects,
+            text=text,
+            oldest_first=oldest_first,
+            healths=healths,
         )
-        return RunPage(
-            items=[gateway.readmodel.view(r) for r in records],
-            next_cursor=encode_cursor(next_id) if next_id else None,
-        )
+        if next_id is None:
+            next_cursor = None
+        else:
+            next_cursor = _oldest_first_cursor(next_id) if oldest_first else encode_cursor(next_id)
+        return RunPage(items=[gateway.readmodel.view(r) for r in records], next_cursor=next_cursor)
 
     @get("/{run_id:str}", summary="Show a run", responses={**NOT_FOUND, **UNAVAILABLE})
     async def get_run(
