@@ -384,11 +384,14 @@ class ApiClient:
         labels: Sequence[str] = (),
         limit: int | None = None,
         cursor: str | None = None,
+        healths: Sequence[str] = (),
     ) -> Any:
         params: list[tuple[str, QueryValue]] = []
         if project:
             params.append(("project", project))
         params.extend(("state", s) for s in states)
+        if healths:
+            params.append(("health", ",".join(healths)))
         params.extend(("label", label) for label in labels)
         if limit is not None:
             params.append(("limit", limit))
@@ -404,11 +407,14 @@ class ApiClient:
         labels: Sequence[str] = (),
         limit: int | None = None,
         cursor: str | None = None,
+        healths: Sequence[str] = (),
     ) -> Iterator[Mapping[str, Any]]:
         """Every page, following `next_cursor` until it is null."""
         seen: set[str] = set()
         while True:
-            page = self.list_runs(project=project, states=states, labels=labels, limit=limit, cursor=cursor)
+            page = self.list_runs(
+                project=project, states=states, labels=labels, limit=limit, cursor=cursor, healths=healths
+            )
             if not isinstance(page, Mapping):
                 raise CliError(f"unexpected answer to GET {API_PREFIX}/runs: {json.dumps(page)[:200]}")
             yield page

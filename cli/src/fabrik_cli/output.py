@@ -198,7 +198,11 @@ def format_short_progress(progress: Any) -> str:
 def format_state(run: Mapping[str, Any]) -> str:
     state = text(run.get("state"))
     reason = run.get("reason")
-    return f"{state}: {reason}" if reason else state
+    shown = f"{state}: {reason}" if reason else state
+    health = run.get("health")
+    if isinstance(health, Mapping) and health.get("state") not in (None, "healthy"):
+        shown += f" [{health['state']}]"
+    return shown
 
 
 def format_eta(value: Any, now: datetime) -> str:

@@ -254,6 +254,17 @@ def _split_states(ctx: click.Context, param: click.Parameter, values: tuple[str,
     return tuple(dict.fromkeys(states))
 
 
+HEALTHS = ("healthy", "stalled", "healing", "failed")
+
+
+def _split_healths(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    healths = [h.strip() for value in values for h in value.split(",") if h.strip()]
+    unknown = [h for h in healths if h not in HEALTHS]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: not a run health; use one of: {', '.join(HEALTHS)}")
+    return tuple(dict.fromkeys(healths))
+
+
 @click.group()
 def runs() -> None:
     """List and inspect runs."""
@@ -276,6 +287,14 @@ def runs() -> None:
     metavar="K=V",
     help="Only runs with this label (repeatable: all of them).",
 )
+@click.option(
+    "--health",
+    "healths",
+    multiple=True,
+    metavar="HEALTH",
+    callback=_split_healths,
+    help=f"Only runs in this health; repeatable or comma-separated: any of them ({', '.join(HEALTHS)}).",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Runs per page. [default (API): 50]")
 @click.option("--cursor", default=None, help="Continue after a previous page (its `next_cursor`).")
 @click.option("--all", "all_pages", is_flag=True, help="Follow the cursors: every matching run.")
@@ -285,6 +304,7 @@ def runs_list(
     project: str | None,
     states: tuple[str, ...],
     labels: tuple[str, ...],
+    healths: tuple[str, ...],
     limit: int | None,
     cursor: str | None,
     all_pages: bool,
@@ -302,12 +322,14 @@ def runs_list(
         if all_pages:
             items: list[Any] = []
             for page in client.iter_run_pages(
-                project=project, states=states, labels=labels, limit=limit, cursor=cursor
+                project=project, states=states, labels=labels, limit=limit, cursor=cursor, healths=healths
             ):
                 items.extend(page.get("items") or [])
             data: Any = {"items": items, "next_cursor": None}
         else:
-            data = client.list_runs(project=project, states=states, labels=labels, limit=limit, cursor=cursor)
+            data = client.list_runs(
+                project=project, states=states, labels=labels, limit=limit, cursor=cursor, healths=healths
+            )
     emit(data, output, lambda d: runs_table(d.get("items") or []))
     if OutputFormat(output) is OutputFormat.TABLE and isinstance(data, Mapping) and data.get("next_cursor"):
         err(f"(more runs: add --all, or --cursor {data['next_cursor']})")
