@@ -8,9 +8,13 @@ import click
 
 from fabrik_cli.commands.access import audit, login, logout, token_group, whoami
 from fabrik_cli.commands.analytics import analytics_group, budget_group, cost_group
+from fabrik_cli.commands.dashboard import dashboard
 from fabrik_cli.commands.doctor import doctor
 from fabrik_cli.commands.env import env_group
+from fabrik_cli.commands.infra import infra_group
+from fabrik_cli.commands.init import init
 from fabrik_cli.commands.runs import cancel, logs, projects, queue, resume, run, runs
+from fabrik_cli.commands.schedule import schedule_group
 from fabrik_cli.commands.spec import spec
 from fabrik_cli.commands.stack import down, status, up
 from fabrik_cli.errors import CliError
@@ -47,7 +51,10 @@ cli.add_command(cancel)
 cli.add_command(resume)
 cli.add_command(queue)
 cli.add_command(projects)
+cli.add_command(dashboard)
 cli.add_command(spec)
+# cron schedules
+cli.add_command(schedule_group)
 # environments
 cli.add_command(env_group)
 # access: credentials, API tokens, the audit trail
@@ -62,3 +69,7 @@ cli.add_command(budget_group)
 cli.add_command(analytics_group)
 # checks
 cli.add_command(doctor)
+# Hetzner Cloud clusters
+cli.add_command(infra_group)
+# onboarding
+cli.add_command(init)
