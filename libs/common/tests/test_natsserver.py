@@ -1,5 +1,6 @@
-"""The embedded nats-server: ports it picked itself are picked again when another process took
-them first (parallel test workers); ports it was given are never changed."""
+"""The embedded nats-server and the service processes of the tests: ports they picked themselves are
+picked again when another process took
+them first (parallel test workers); ports they were given are never changed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fabrik_common.natsserver import NatsServer, NatsServerError
+from fabrik_common.testing import ServiceProcess
 
 
 @pytest.fixture
@@ -50,3 +52,21 @@ def test_a_restart_keeps_its_port(tmp_path: Path) -> None:
         assert server.running
     finally:
         server.stop()
+
+
+def test_a_service_whose_chosen_port_was_taken_starts_on_another(
+    tmp_path: Path, listener: socket.socket, nats_url: str
+) -> None:
+    service = ServiceProcess(
+        "fabrik_backup",
+        {"FABRIK_NATS_URL": nats_url, "FABRIK_DATA_DIR": str(tmp_path)},
+        log_path=tmp_path / "b.log",
+    )
+    service.http_port = taken = listener.getsockname()[1]  # another process bound it in between
+    service.env["FABRIK_HTTP_PORT"] = str(taken)
+    service.start(ready_timeout=60)
+    try:
+        assert service.http_port != taken
+        assert "address already in use" in (tmp_path / "b.log").read_text()
+    finally:
+        service.kill()

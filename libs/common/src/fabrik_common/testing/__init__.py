@@ -112,6 +112,9 @@ class ServiceProcess:
         argv: tuple[str, ...] = (),
     ) -> None:
         self.module = module
+        # A port picked here can be taken by another process before the service binds it (tests
+        # run in parallel workers): only such a port is picked again when that happens.
+        self._port_chosen = http_port is None
         self.http_port = http_port or free_port()
         self.env = {**os.environ, **env, "FABRIK_HTTP_PORT": str(self.http_port)}
         self.log_path = log_path
@@ -145,6 +148,11 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
+                if self._lost_its_port():
+                    self.http_port = free_port()
+                    self.env["FABRIK_HTTP_PORT"] = str(self.http_port)
+                    self.start_process()
+                    continue
                 raise RuntimeError(f"{self.module} exited with {self.proc.returncode} (log: {self.log_path})")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=1) as response:  # noqa: S310
@@ -154,6 +162,13 @@ class ServiceProcess:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"{self.module} not ready within {timeout}s (log: {self.log_path})")
+
+    def _lost_its_port(self) -> bool:
+        """Whether the service exited because its chosen port was taken (said in its log)."""
+        if not self._port_chosen or self.log_path is None or not self.log_path.exists():
+            return False
+        tail = self.log_path.read_text(errors="replace")[-4000:]
+        return "address already in use" in tail.lower() and str(self.http_port) in tail
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the clean shutdown path. Returns the exit code."""
