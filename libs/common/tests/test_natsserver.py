@@ -1,6 +1,6 @@
-"""The embedded nats-server and the service processes of the tests: ports they picked themselves are
-picked again when another process took
-them first (parallel test workers); ports they were given are never changed."""
+"""The embedded nats-server and the service processes of the tests: ports they picked themselves
+are picked again when another process took them first (parallel test workers); ports they were
+given are never changed."""
 
 from __future__ import annotations
 
