@@ -632,9 +632,13 @@ async def test_the_reconciler_reports_what_no_event_said(env: Env) -> None:
     await wait_until(lambda: env.check_runs()[0]["status"] == "completed", timeout=20)
     assert env.check_runs()[0]["conclusion"] == "timed_out"
     await wait_until(lambda: len(env.github.comments_on(REPO, 12, by_app=True)) == 1)
+
+    async def comment_recorded() -> bool:  # the record is written after GitHub took the comment
+        return (await env.origin(run.run_id)).commented_attempt == 1
+
+    await wait_until(comment_recorded)
     origin = await env.origin(run.run_id)
     assert origin.reported == origin.desired
-    assert origin.commented_attempt == 1
     assert origin.lease_owner is None
 
 
