@@ -7,7 +7,8 @@ One durable consumer over all the subjects keeps each run's events in stream ord
 from __future__ import annotations
 
 from fabrik_common.bus import Context, Router
-from fabrik_common.events import AlertRaised, AlertResolved, LlmUsage
+from fabrik_common.events import AlertRaised, AlertResolved, LlmUsage, RunImported
+from fabrik_scheduler.imports import apply_import
 from fabrik_scheduler.scheduler import SchedulerInput
 from fabrik_scheduler.state import SchedulerState
 
@@ -30,6 +31,14 @@ async def on_run_input(event: SchedulerInput, ctx: Context[SchedulerState]) -> N
     async with ctx.state.lock:
         await ctx.state.scheduler.handle(event, redelivered=ctx.redelivered)
         await ctx.state.scheduler.dispatch()
+
+
+# Imported runs (docs/migration.md): records created only if absent, under the decision lock.
+@router.subscriber("fabrik.runs.imported.*", durable="scheduler-imports", max_deliver=10, batch=64)
+async def on_run_imported(event: RunImported, ctx: Context[SchedulerState]) -> None:
+    async with ctx.state.lock:
+        scheduler = ctx.state.scheduler
+        await apply_import(scheduler.store, scheduler.publisher, event, redelivered=ctx.redelivered)
 
 
 # One message at a time, in stream order: what makes the per-run `usage_seq` check exact.

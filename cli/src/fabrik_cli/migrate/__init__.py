@@ -1,0 +1,1 @@
+"""Migration: Smithers databases and portable NDJSON into and out of Fabrik (docs/migration.md)."""
