@@ -51,6 +51,16 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         },
         log_path=root / "optimizer.log",
     )
+    backup = ServiceProcess(
+        "fabrik_backup",
+        {
+            "FABRIK_NATS_URL": server.url,
+            "FABRIK_LOG_FORMAT": "text",
+            "FABRIK_DATA_DIR": str(root / "backup-data"),
+            "FABRIK_BACKUP_TARGET": f"dir://{root / 'backups'}",
+        },
+        log_path=root / "backup.log",
+    )
     process = ServiceProcess(
         "fabrik_gateway",
         {
@@ -67,13 +77,16 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     )
     try:
         optimizer.start_process()
+        backup.start_process()
         process.start(ready_timeout=60)
         optimizer.wait_ready(60)
+        backup.wait_ready(60)
         token = mint_hs256(SECRET, "fuzzer", "admin", ttl_seconds=3600)
         yield {"base_url": process.base_url, "headers": {"Authorization": f"Bearer {token}"}}
     finally:
         process.terminate()
         optimizer.kill()
+        backup.kill()
         server.stop()
 
 

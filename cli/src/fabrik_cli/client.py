@@ -570,6 +570,45 @@ class ApiClient:
         """Sent once, and waited for long: the answer comes when the rebuild is done."""
         return self.request("POST", "/analytics/rebuild", timeout=REBUILD_TIMEOUT)
 
+    # -- backups (answered by the backup service through the gateway) -------------------------
+
+    def create_backup(self, body: Mapping[str, Any]) -> Any:
+        """Sent once: a retry could start a second backup."""
+        return self.request("POST", "/backups", json_body=dict(body))
+
+    def list_backups(self, *, operations: int | None = None) -> Any:
+        params: list[tuple[str, QueryValue]] = [("operations", operations)] if operations is not None else []
+        return self.request("GET", "/backups", params=params)
+
+    def get_backup(self, backup_id: str) -> Any:
+        return self.request("GET", "/backups/" + quote(backup_id, safe=""))
+
+    def backup_operations(self, *, limit: int | None = None) -> Any:
+        params: list[tuple[str, QueryValue]] = [("limit", limit)] if limit is not None else []
+        return self.request("GET", "/backups/operations", params=params)
+
+    def backup_operation(self, operation_id: str) -> Any:
+        return self.request("GET", "/backups/operations/" + quote(operation_id, safe=""))
+
+    def verify_backup(self, backup_id: str, body: Mapping[str, Any]) -> Any:
+        return self.request("POST", f"/backups/{quote(backup_id, safe='')}/verify", json_body=dict(body))
+
+    def restore_backup(self, body: Mapping[str, Any]) -> Any:
+        """`POST /restores`: by `backup_id` or `at`."""
+        return self.request("POST", "/restores", json_body=dict(body))
+
+    def cancel_backup_operation(self, operation_id: str) -> Any:
+        return self.request("POST", f"/backups/operations/{quote(operation_id, safe='')}/cancel")
+
+    def delete_backup(self, backup_id: str) -> Any:
+        return self.request("DELETE", "/backups/" + quote(backup_id, safe=""))
+
+    def prune_backups(self, *, dry_run: bool) -> Any:
+        return self.request("POST", "/backups/prune", json_body={"dry_run": dry_run})
+
+    def backup_schedule(self) -> Any:
+        return self.request("GET", "/backups/schedule")
+
 
 def _retry_after(response: httpx.Response) -> float:
     text = response.headers.get("Retry-After", "")

@@ -25,7 +25,8 @@ RESTORE = f"{PREFIX}.restore"
 CANCEL = f"{PREFIX}.cancel"
 DELETE = f"{PREFIX}.delete"
 PRUNE = f"{PREFIX}.prune"
-SUBJECTS: tuple[str, ...] = (CREATE, LIST, GET, VERIFY, RESTORE, CANCEL, DELETE, PRUNE)
+SCHEDULE = f"{PREFIX}.schedule"
+SUBJECTS: tuple[str, ...] = (CREATE, LIST, GET, VERIFY, RESTORE, CANCEL, DELETE, PRUNE, SCHEDULE)
 QUEUE_GROUP = "backup"
 
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -159,6 +160,23 @@ class PruneResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="p
     """Backup id → the rules that keep it (last, daily, weekly, monthly, last verified, in use)."""
     delete: list[str]
     deleted: bool
+
+
+class ScheduleRequest(_Struct, frozen=True, kw_only=True):
+    """The backup schedule and retention policy in force (settings of the backup service)."""
+
+    slots: Annotated[int, msgspec.Meta(ge=0, le=100)] = 5
+    """How many of the next slots to include."""
+
+
+class ScheduleResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="schedule"):
+    target: str
+    schedule: str
+    """`FABRIK_BACKUP_SCHEDULE` (five-field cron); empty: no scheduled backups."""
+    timezone: str
+    next_slots: list[UtcDatetime]
+    retention: dict[str, float]
+    """`keep_last`, `keep_daily`, `keep_weekly`, `keep_monthly`, `max_age_days` (all 0: off)."""
 
 
 R = TypeVar("R")

@@ -149,6 +149,8 @@ def build(settings: BackupSettings) -> Service[BackupState]:
                 "restore": settings.restore_deadline_seconds,
             },
             retention=settings.retention(),
+            schedule=settings.backup_schedule,
+            schedule_timezone=settings.backup_schedule_timezone,
         )
         servers.append(server)
         await server.start()

@@ -16,6 +16,7 @@ from nats.aio.subscription import Subscription
 from fabrik_backup.archive.format import MANIFEST, ArchiveError, Manifest, decode_manifest
 from fabrik_backup.operations import OperationNotFoundError, Operations
 from fabrik_backup.retention import BackupInfo, RetentionPlan, RetentionPolicy, plan_retention
+from fabrik_backup.schedule import iter_slots
 from fabrik_backup.targets.base import Target
 from fabrik_common import backup_rpc as rpc
 from fabrik_common.backup_rpc import (
@@ -34,6 +35,8 @@ from fabrik_common.backup_rpc import (
     PruneResponse,
     RestoreRequest,
     RpcError,
+    ScheduleRequest,
+    ScheduleResponse,
     VerifyRequest,
 )
 from fabrik_common.ids import new_ulid
@@ -88,8 +91,12 @@ class RpcServer:
         *,
         deadlines: dict[str, float],
         retention: RetentionPolicy | None = None,
+        schedule: str = "",
+        schedule_timezone: str = "UTC",
     ) -> None:
         self.nc = nc
+        self.schedule = schedule
+        self.schedule_timezone = schedule_timezone
         self.ops = operations
         self.target = target
         self.deadlines = deadlines
@@ -106,6 +113,7 @@ class RpcServer:
             (rpc.CANCEL, self._handler(CancelRequest, self.cancel)),
             (rpc.DELETE, self._handler(DeleteRequest, self.delete)),
             (rpc.PRUNE, self._handler(PruneRequest, self.prune)),
+            (rpc.SCHEDULE, self._handler(ScheduleRequest, self.schedule_info)),
         ]
         for subject, cb in routes:
             self._subs.append(await self.nc.subscribe(subject, queue=rpc.QUEUE_GROUP, cb=cb))
@@ -299,3 +307,25 @@ class RpcServer:
         deleted = await self.apply_retention()
         plan = await self.retention_plan()
         return PruneResponse(keep=plan.keep, delete=deleted, deleted=True)
+
+    async def schedule_info(self, request: ScheduleRequest) -> ScheduleResponse:
+        slots: builtins.list[datetime] = []
+        if self.schedule:
+            for slot in iter_slots(self.schedule, self.schedule_timezone, datetime.now(UTC)):
+                if len(slots) >= request.slots:
+                    break
+                slots.append(slot)
+        policy = self.retention
+        return ScheduleResponse(
+            target=self.target.url,
+            schedule=self.schedule,
+            timezone=self.schedule_timezone,
+            next_slots=slots,
+            retention={
+                "keep_last": policy.keep_last,
+                "keep_daily": policy.keep_daily,
+                "keep_weekly": policy.keep_weekly,
+                "keep_monthly": policy.keep_monthly,
+                "max_age_days": policy.max_age_days,
+            },
+        )

@@ -88,6 +88,10 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     than the optimizer's own `FABRIK_RPC_TIMEOUT_SECONDS`, so that a slow query gets its 503)."""
     optimizer_rebuild_timeout_seconds: PositiveFloat = 900.0
     """How long `POST /analytics/rebuild` waits for the rebuild to finish."""
+    # Backups: requests to the backup service (docs/backup.md, docs/disaster-recovery.md)
+    backup_timeout_seconds: PositiveFloat = 30.0
+    """How long a `/backups` request waits for the backup service's answer (long operations answer
+    at once with the operation; listing reads every manifest on the target); past it, 504."""
     # Live stream (docs/api.md#live-stream)
     stream_queue_size: PositiveInt = 1000
     """Events one live-stream subscriber may have unsent; past it, it is dropped (close reason
