@@ -382,7 +382,14 @@ PAGES = {
     "submit": ("/submit", "form.submit"),
     "schedules": ("/schedules", "main .notice, main table"),
     "costs": ("/costs", ".stat"),
-    "experiments": ("/experiments", "main .notice"),
+    "experiments": ("/experiments", "table.experiments tbody tr[data-experiment-id]"),
+}
+EXPERIMENT = {
+    "name": "more memory for lab",
+    "target": {"project": "lab"},
+    "parameter": "resources.memory_limit",
+    "control": {"name": "control"},
+    "treatments": [{"name": "6gi", "overrides": {"resources.memory_limit": "6Gi"}}],
 }
 
 
@@ -398,9 +405,15 @@ def backlog(stack: Stack) -> Iterator[list[str]]:
             httpx.post(f"{stack.url}/api/v1/runs/{run_id}/cancel", timeout=10)
 
 
+@pytest.fixture(scope="module")
+def experiment(stack: Stack) -> str:
+    """An experiment on a project without runs (the Experiments page lists it)."""
+    return str(stack.api("POST", "experiments", json=EXPERIMENT)["experiment"]["id"])
+
+
 @pytest.mark.parametrize("viewport", ["desktop", "phone"])
 def test_every_page_renders_without_console_errors(
-    stack: Stack, browser: Browser, backlog: list[str], viewport: str
+    stack: Stack, browser: Browser, backlog: list[str], experiment: str, viewport: str
 ) -> None:
     if not stack.runs:
         run_id = stack.submit_hello(steps=2, step_seconds=0.1)
@@ -426,6 +439,13 @@ def test_every_page_renders_without_console_errors(
             _shot(tab, f"{name}{suffix}")
             width = tab.evaluate("document.documentElement.scrollWidth")
             assert width <= size["width"] + 1, f"{name} scrolls sideways at {size['width']} px ({width} px)"
+            if name == "experiments":  # the created experiment, and its page reached from its row
+                tab.locator(f'tr[data-experiment-id="{experiment}"] a').click()
+                expect(tab.locator("table.arms")).to_contain_text("6Gi")
+                expect(tab.locator("#h-history + *")).not_to_contain_text("Loading…")
+                _shot(tab, f"experiment{suffix}")
+                width = tab.evaluate("document.documentElement.scrollWidth")
+                assert width <= size["width"] + 1, f"experiment scrolls sideways ({width} px)"
         # Keyboard: the first tab stop is the skip link, then the navigation.
         tab.goto(f"{stack.url}/")
         tab.keyboard.press("Tab")

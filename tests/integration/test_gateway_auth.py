@@ -204,6 +204,9 @@ def operations(document: dict[str, Any]) -> list[tuple[str, str]]:
         "env": "dev",
         "token_id": new_ulid(),
         "schedule_id": new_ulid(),
+        "experiment_id": new_ulid(),
+        "backup_id": new_ulid(),
+        "operation_id": new_ulid(),
     }
     out = []
     for path, item in document["paths"].items():

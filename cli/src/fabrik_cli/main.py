@@ -8,11 +8,14 @@ import click
 
 from fabrik_cli.commands.access import audit, login, logout, token_group, whoami
 from fabrik_cli.commands.analytics import analytics_group, budget_group, cost_group
+from fabrik_cli.commands.backup import backup_group
 from fabrik_cli.commands.dashboard import dashboard
 from fabrik_cli.commands.doctor import doctor
 from fabrik_cli.commands.env import env_group
 from fabrik_cli.commands.infra import infra_group
 from fabrik_cli.commands.init import init
+from fabrik_cli.commands.migrate import export_command, import_command
+from fabrik_cli.commands.optimizer import optimizer_group
 from fabrik_cli.commands.runs import cancel, logs, projects, queue, resume, run, runs
 from fabrik_cli.commands.schedule import schedule_group
 from fabrik_cli.commands.spec import spec
@@ -67,6 +70,13 @@ cli.add_command(audit)
 cli.add_command(cost_group)
 cli.add_command(budget_group)
 cli.add_command(analytics_group)
+# experiments on run configuration, rollouts, the optimizer's pause and history
+cli.add_command(optimizer_group)
+# backups (answered by the backup service through the gateway)
+cli.add_command(backup_group)
+# migration: portable NDJSON and Smithers databases
+cli.add_command(import_command)
+cli.add_command(export_command)
 # checks
 cli.add_command(doctor)
 # Hetzner Cloud clusters

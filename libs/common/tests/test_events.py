@@ -38,6 +38,7 @@ from fabrik_common.events import (
     RunDispatched,
     RunFinished,
     RunHealthChanged,
+    RunImported,
     RunLogChunk,
     RunParameters,
     RunProgress,
@@ -52,6 +53,7 @@ from fabrik_common.events import (
 )
 from fabrik_common.ids import new_ulid
 from fabrik_common.metrics import BusMetrics
+from fabrik_common.portable import PortableEvent, PortableOrigin, PortableRun, PortableTask
 from fabrik_common.topology import STREAMS, StreamSpec, ensure_topology, stream_for_subject, subject_matches
 
 # --------------------------------------------------------------------------------------------
@@ -81,6 +83,29 @@ def _params() -> RunParameters:
         labels={"team": "platform"},
         schedule_id="nightly-retries",
         schedule_slot=T0,
+    )
+
+
+def _imported() -> RunImported:
+    run_id = new_ulid()
+    return RunImported(
+        run_id=run_id,
+        project="web-app",
+        imported_by="admin@example.com",
+        run=PortableRun(
+            run_id=run_id,
+            project="web-app",
+            env="dev",
+            spec="review",
+            requested_at=T0,
+            started_at=T0 + timedelta(seconds=1),
+            finished_at=T0 + timedelta(minutes=5),
+            state="failed",
+            reason="workload_error",
+            tasks=[PortableTask(id="impl", iteration=1, state="failed")],
+            events=[PortableEvent(seq=1, time=T0, type="RunStarted", payload={"runId": "r-1"})],
+            origin=PortableOrigin(system="smithers", source_run_id="r-1"),
+        ),
     )
 
 
@@ -164,6 +189,7 @@ SAMPLES: dict[type[Event], Callable[[], Event]] = {
         message="no progress after 3 healing attempts",
         last_progress_at=T0,
     ),
+    RunImported: _imported,
     RunLogChunk: lambda: RunLogChunk(
         run_id=new_ulid(),
         attempt=1,

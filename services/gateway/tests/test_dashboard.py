@@ -28,6 +28,7 @@ PAGES = [
     "/",
     "/runs",
     "/runs/01JH3Z9W4R8Q0M6Y2V5T7K1B3C",
+    "/experiments/01JH3Z9W4R8Q0M6Y2V5T7K1B3C",
     "/queue",
     "/submit",
     "/schedules",

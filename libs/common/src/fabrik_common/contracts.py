@@ -88,6 +88,7 @@ EVENT_ROLES: Final[Mapping[str, Roles]] = {
     "run.finished": Roles((EXECUTOR,), (SCHEDULER, *_RUN_READERS)),
     "run.budget_exceeded": Roles((LLM_PROXY,), (SCHEDULER, *_RUN_READERS)),
     "run.health_changed": Roles((SCHEDULER,), _RUN_READERS),
+    "run.imported": Roles((GATEWAY,), (SCHEDULER, *_RUN_READERS)),
     # LOGS and LLM.
     "log.chunk": Roles((EXECUTOR,), (GATEWAY,)),
     "llm.usage": Roles((LLM_PROXY,), (OPTIMIZER,)),

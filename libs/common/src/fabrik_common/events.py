@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 
 from fabrik_common.ids import new_ulid, utcnow
+from fabrik_common.portable import PortableRun
 
 SCHEMA_VERSION = 1
 
@@ -129,6 +130,13 @@ class RunParameters(msgspec.Struct, frozen=True, kw_only=True):
     schedule_slot: UtcDatetime | None = None
 
 
+class ExperimentArmRef(msgspec.Struct, frozen=True, kw_only=True):
+    """The arm of an experiment a run was assigned to at dispatch (sticky across resumes)."""
+
+    id: str
+    arm: str
+
+
 # --------------------------------------------------------------------------------------------
 # RUNS stream: fabrik.runs.<kind>.<run_id>
 
@@ -181,6 +189,10 @@ class RunDispatched(RunEventBase, frozen=True, kw_only=True, tag="run.dispatched
     params: RunParameters
     image_digest: str | None = None
     experiment_arm: str | None = None
+    """`<experiment id>/<arm>` per experiment the run takes part in, comma-separated."""
+    experiment: ExperimentArmRef | None = None
+    """The first experiment the run takes part in and its arm (all of them: `experiments`)."""
+    experiments: tuple[ExperimentArmRef, ...] = ()
     deadline: UtcDatetime
 
 
@@ -273,6 +285,18 @@ class RunHealthChanged(RunEventBase, frozen=True, kw_only=True, tag="run.health_
     last_progress_at: UtcDatetime | None = None
 
 
+class RunImported(RunEventBase, frozen=True, kw_only=True, tag="run.imported"):
+    """A finished run brought over from another installation or from Smithers (docs/migration.md).
+
+    Published by the gateway with `Nats-Msg-Id` `import-<run_id>`; the scheduler records the run
+    in its terminal state only if no record of that id exists, so importing twice changes nothing."""
+
+    SUBJECT = "fabrik.runs.imported.{run_id}"
+    project: ProjectName
+    run: PortableRun
+    imported_by: str
+
+
 RunEvent = (
     RunRequested
     | RunCancelRequested
@@ -286,6 +310,7 @@ RunEvent = (
     | RunFinished
     | RunBudgetExceeded
     | RunHealthChanged
+    | RunImported
 )
 
 # --------------------------------------------------------------------------------------------
@@ -459,9 +484,22 @@ class ExperimentChanged(Event, frozen=True, kw_only=True, tag="optimizer.experim
 
     SUBJECT = "fabrik.optimizer.experiment_changed.{experiment_id}"
     experiment_id: str
-    status: Literal["proposed", "running", "paused", "shipped", "rolled_back", "stopped", "invalid"]
+    status: Literal[
+        "proposed",
+        "running",
+        "paused",
+        "shipped",
+        "rolled_back",
+        "stopped",
+        "invalid",
+        "created",
+        "pending_approval",
+        "approved",
+        "resumed",
+    ]
     by: str
     message: str = ""
+    numbers: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class ExperimentDecision(Event, frozen=True, kw_only=True, tag="optimizer.decision"):
@@ -484,6 +522,8 @@ class ConfigChanged(Event, frozen=True, kw_only=True, tag="optimizer.config_chan
     experiment_id: str | None = None
     decision: str | None = None
     approved_by: str | None = None
+    by: str | None = None
+    """Who made the change (a user, or `optimizer` for its own decisions)."""
 
 
 class BudgetLevelCrossed(Event, frozen=True, kw_only=True, tag="optimizer.budget_level_crossed"):

@@ -23,6 +23,19 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from fabrik_common.events import ProjectName, UtcDatetime
+from fabrik_common.experiments import (
+    ALL_GUARDRAILS,
+    DEFAULT_TREATMENT_SHARE,
+    Arm,
+    Defaults,
+    Experiment,
+    ExperimentState,
+    Guardrail,
+    OptimizerPause,
+    PrimaryMetric,
+    Risk,
+    Target,
+)
 
 PREFIX = "fabrik.rpc.optimizer"
 COSTS = f"{PREFIX}.costs"
@@ -31,7 +44,26 @@ BUDGETS_GET = f"{PREFIX}.budgets.get"
 BUDGETS_PUT = f"{PREFIX}.budgets.put"
 REBUILD = f"{PREFIX}.rebuild"
 RUN_LLM_CALLS = f"{PREFIX}.run_llm_calls"
-SUBJECTS: tuple[str, ...] = (COSTS, INSIGHTS, BUDGETS_GET, BUDGETS_PUT, REBUILD, RUN_LLM_CALLS)
+EXPERIMENTS_CREATE = f"{PREFIX}.experiments.create"
+EXPERIMENTS_LIST = f"{PREFIX}.experiments.list"
+EXPERIMENTS_GET = f"{PREFIX}.experiments.get"
+EXPERIMENTS_ACTION = f"{PREFIX}.experiments.action"
+OPTIMIZER_PAUSE = f"{PREFIX}.pause"
+OPTIMIZER_HISTORY = f"{PREFIX}.history"
+SUBJECTS: tuple[str, ...] = (
+    COSTS,
+    INSIGHTS,
+    BUDGETS_GET,
+    BUDGETS_PUT,
+    REBUILD,
+    RUN_LLM_CALLS,
+    EXPERIMENTS_CREATE,
+    EXPERIMENTS_LIST,
+    EXPERIMENTS_GET,
+    EXPERIMENTS_ACTION,
+    OPTIMIZER_PAUSE,
+    OPTIMIZER_HISTORY,
+)
 QUEUE_GROUP = "optimizer"
 
 CostGroup = Literal["project", "spec", "model", "day"]
@@ -313,6 +345,112 @@ class RunLlmCallsResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", 
     """Calls of the run in the store (more than `len(calls)` when `limit` cut the list)."""
     cost_usd: Decimal
     """Cost of all `total` calls."""
+
+
+# ------------------------------------------------------------------------------------------------
+# experiments (docs/optimizer.md#api-and-cli)
+
+ExperimentAction = Literal["approve", "pause", "resume", "stop", "rollback"]
+
+
+class ExperimentCreateRequest(_Struct, frozen=True, kw_only=True):
+    name: str
+    target: Target = msgspec.field(default_factory=Target)
+    parameter: str
+    control: Arm
+    treatments: list[Arm]
+    treatment_share: float = DEFAULT_TREATMENT_SHARE
+    primary_metric: PrimaryMetric = "success_rate"
+    guardrails: list[Guardrail] = msgspec.field(default_factory=lambda: list(ALL_GUARDRAILS))
+    risk: Risk = "low"
+    min_runs_per_arm: int = 30
+    max_duration_seconds: int = 14 * 86400
+    protected_env: bool = False
+    approved_cost_ceiling: float = 3.0
+    start: bool = True
+    """Start at once when nothing needs an approval (else the experiment stays a draft)."""
+    actor: str = ""
+
+
+class ExperimentsListRequest(_Struct, frozen=True, kw_only=True):
+    state: ExperimentState | None = None
+
+
+class ExperimentGetRequest(_Struct, frozen=True, kw_only=True):
+    id: str
+
+
+class ExperimentActionRequest(_Struct, frozen=True, kw_only=True):
+    id: str
+    action: ExperimentAction
+    actor: str = ""
+    reason: str = ""
+
+
+class ArmStatus(_Struct, frozen=True, kw_only=True):
+    """One arm's sample so far (decided runs: cancelled runs are left out)."""
+
+    name: str
+    overrides: dict[str, Any]
+    runs: int
+    successes: int
+    failures: int
+    ooms: int
+    success_rate: float | None
+    cost_per_run_usd: float | None
+    duration_p95_seconds: float | None
+
+
+class ExperimentResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="experiment"):
+    experiment: Experiment
+    arms: list[ArmStatus]
+    active_assignment: bool
+    """Runs are being assigned now (active and no global pause)."""
+
+
+class ExperimentsListResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="experiments"):
+    experiments: list[Experiment]
+    pause: OptimizerPause
+    defaults: Defaults
+
+
+class OptimizerPauseRequest(_Struct, frozen=True, kw_only=True):
+    paused: bool
+    reason: str = ""
+    actor: str = ""
+
+
+class OptimizerStatusResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="optimizer_status"):
+    pause: OptimizerPause
+    defaults: Defaults
+    active: int
+
+
+class HistoryRequest(_Struct, frozen=True, kw_only=True):
+    experiment_id: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
+
+
+class HistoryEntry(_Struct, frozen=True, kw_only=True):
+    """One `optimizer.*` event of the OPS stream: an experiment's change, a decision, a change of
+    the defaults or of the global pause."""
+
+    at: UtcDatetime
+    type: str
+    experiment_id: str | None = None
+    status: str | None = None
+    decision: str | None = None
+    by: str | None = None
+    message: str = ""
+    numbers: dict[str, Any] = msgspec.field(default_factory=dict)
+    key: str | None = None
+    old: Any = None
+    new: Any = None
+
+
+class HistoryResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="history"):
+    entries: list[HistoryEntry]
+    """Oldest first, the last `limit` of them."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import msgspec
 
 from fabrik_common.events import (
     TERMINAL_STATES,
+    ExperimentArmRef,
     HealthCategory,
     NonNegInt,
     Outcome,
@@ -134,6 +135,8 @@ class RunRecord(msgspec.Struct, kw_only=True):
     exit_code: int | None = None
     image_digest: str | None = None
     experiment_arm: str | None = None
+    experiments: list[ExperimentArmRef] = msgspec.field(default_factory=list)
+    """The experiments and arms the run was assigned to at its first dispatch (kept on resume)."""
     cost_usd: float = 0.0
     tokens: Tokens = msgspec.field(default_factory=Tokens)
     peak_memory_bytes: int | None = None

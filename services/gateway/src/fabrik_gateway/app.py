@@ -19,7 +19,10 @@ from fabrik_gateway import envs, models, schedules
 from fabrik_gateway.api import EnvsController, RunsController, SystemController, stream
 from fabrik_gateway.api.access import AccessController
 from fabrik_gateway.api.analytics import AnalyticsController
+from fabrik_gateway.api.backups import BackupsController
 from fabrik_gateway.api.dashboard import dashboard_router
+from fabrik_gateway.api.experiments import ExperimentsController
+from fabrik_gateway.api.imports import ImportsController
 from fabrik_gateway.api.schedules import SchedulesController
 from fabrik_gateway.api.webhooks_github import github_webhook_route
 from fabrik_gateway.api.webhooks_slack import slack_webhook
@@ -108,7 +111,10 @@ def build(settings: GatewaySettings) -> Service[Gateway]:
             EnvsController,
             AccessController,
             AnalyticsController,
+            ExperimentsController,
+            BackupsController,
             SchedulesController,
+            ImportsController,
             *stream.route_handlers,
             dashboard_router(),
             github_webhook_route(github),

@@ -12,12 +12,14 @@ import nats.errors
 import psycopg
 from nats.js.kv import KeyValue
 
+from fabrik_common.clock import SYSTEM_CLOCK, Clock
 from fabrik_common.service import Service, run_service
 from fabrik_optimizer.analytics import queries
 from fabrik_optimizer.analytics.ingest import Costing
 from fabrik_optimizer.analytics.rebuild import Rebuilder
 from fabrik_optimizer.analytics.store import AnalyticsStore
 from fabrik_optimizer.budgets import WATCH_KEYS, BudgetBook, BudgetMonitor, month_bounds
+from fabrik_optimizer.experiments.service import BusinessHours, Experiments, Limits, evaluation_loop
 from fabrik_optimizer.handlers import router
 from fabrik_optimizer.prices import HcloudPrices, PriceBook
 from fabrik_optimizer.rpc import RpcServer
@@ -124,7 +126,10 @@ def build_costing(settings: OptimizerSettings) -> Costing:
     )
 
 
-def build(settings: OptimizerSettings) -> Service[OptimizerState]:
+def build(settings: OptimizerSettings, *, clock: Clock | None = None) -> Service[OptimizerState]:
+    """`clock` drives the experiments' evaluation (max duration, business hours, timestamps); tests
+    pass a manual one. The system clock by default."""
+    hours = BusinessHours.parse(settings.business_hours, settings.business_days, settings.business_timezone)
     costing = build_costing(settings)
     token = settings.hcloud_api_token()
     hcloud = (
@@ -166,7 +171,25 @@ def build(settings: OptimizerSettings) -> Service[OptimizerState]:
         await load_budgets(config_kv, state.book)
         state.monitor = BudgetMonitor(state.book, limits_kv, service.bus.publish)
         rebuilder = Rebuilder(js, lambda: state.store, state.set_store, state.write_lock, costing)
-        server = RpcServer(service.bus.nc, state, config_kv, rebuilder, timeout=settings.rpc_timeout_seconds)
+        experiments = Experiments(
+            config_kv,
+            service.bus.publish,
+            lambda: state.store,
+            clock or SYSTEM_CLOCK,
+            Limits(max_active=settings.max_active_experiments, hours=hours),
+        )
+        server = RpcServer(
+            service.bus.nc,
+            state,
+            config_kv,
+            rebuilder,
+            timeout=settings.rpc_timeout_seconds,
+            experiments=experiments,
+            js=js,
+        )
+        state.tasks.append(
+            asyncio.create_task(evaluation_loop(experiments, settings.experiment_eval_seconds))
+        )
         await server.start()
         rpc_server.append(server)
         if hcloud is not None:

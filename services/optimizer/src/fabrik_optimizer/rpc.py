@@ -19,9 +19,11 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from fabrik_common import optimizer_rpc as rpc
+from fabrik_common.experiments import Experiment
 from fabrik_common.optimizer_rpc import (
     BudgetDefinition,
     BudgetsGetRequest,
@@ -53,6 +55,7 @@ from fabrik_optimizer.analytics import queries
 from fabrik_optimizer.analytics.rebuild import RebuildBusyError, Rebuilder
 from fabrik_optimizer.analytics.store import AnalyticsStore
 from fabrik_optimizer.budgets import budget_key, budget_status, month_bounds, spend_of
+from fabrik_optimizer.experiments.service import ExperimentError, Experiments, read_history
 from fabrik_optimizer.state import OptimizerState
 
 log = logging.getLogger(__name__)
@@ -173,7 +176,11 @@ class RpcServer:
         *,
         timeout: float = 30.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        experiments: Experiments | None = None,
+        js: JetStreamContext | None = None,
     ) -> None:
+        self.experiments = experiments
+        self.js = js
         self.nc = nc
         self.state = state
         self.config = config
@@ -191,6 +198,15 @@ class RpcServer:
             (rpc.REBUILD, self._handler(RebuildRequest, self.rebuild)),
             (rpc.RUN_LLM_CALLS, self._handler(RunLlmCallsRequest, self.run_llm_calls)),
         ]
+        if self.experiments is not None:
+            routes += [
+                (rpc.EXPERIMENTS_CREATE, self._handler(rpc.ExperimentCreateRequest, self.experiment_create)),
+                (rpc.EXPERIMENTS_LIST, self._handler(rpc.ExperimentsListRequest, self.experiments_list)),
+                (rpc.EXPERIMENTS_GET, self._handler(rpc.ExperimentGetRequest, self.experiment_get)),
+                (rpc.EXPERIMENTS_ACTION, self._handler(rpc.ExperimentActionRequest, self.experiment_action)),
+                (rpc.OPTIMIZER_PAUSE, self._handler(rpc.OptimizerPauseRequest, self.optimizer_pause)),
+                (rpc.OPTIMIZER_HISTORY, self._handler(rpc.HistoryRequest, self.optimizer_history)),
+            ]
         for subject, cb in routes:
             self._subs.append(await self.nc.subscribe(subject, queue=rpc.QUEUE_GROUP, cb=cb))
         await self.nc.flush()
@@ -215,6 +231,8 @@ class RpcServer:
                 try:
                     response = await serve(request)
                 except RequestError as exc:
+                    response = exc.error
+                except ExperimentError as exc:
                     response = exc.error
                 except Exception as exc:
                     log.exception("request failed", extra={"subject": msg.subject})
@@ -347,3 +365,48 @@ class RpcServer:
             raise RequestError(RpcError(status=409, rule="busy", message=str(exc))) from exc
         log.info("rebuild requested", extra={"by": request.actor})
         return RebuildResponse(**result)
+
+    # -- experiments (docs/optimizer.md#api-and-cli) ------------------------------------------
+
+    def _experiments(self) -> Experiments:
+        assert self.experiments is not None
+        return self.experiments
+
+    async def _experiment_response(self, experiment: Experiment) -> rpc.ExperimentResponse:
+        service = self._experiments()
+        pause = await service.pause_state()
+        return rpc.ExperimentResponse(
+            experiment=experiment,
+            arms=await service.status(experiment),
+            active_assignment=experiment.state == "active" and not pause.paused,
+        )
+
+    async def experiment_create(self, request: rpc.ExperimentCreateRequest) -> rpc.ExperimentResponse:
+        return await self._experiment_response(await self._experiments().create(request))
+
+    async def experiments_list(self, request: rpc.ExperimentsListRequest) -> rpc.ExperimentsListResponse:
+        service = self._experiments()
+        found = [e for e in await service.all() if request.state is None or e.state == request.state]
+        return rpc.ExperimentsListResponse(
+            experiments=found, pause=await service.pause_state(), defaults=await service.defaults()
+        )
+
+    async def experiment_get(self, request: rpc.ExperimentGetRequest) -> rpc.ExperimentResponse:
+        return await self._experiment_response(await self._experiments().get(request.id))
+
+    async def experiment_action(self, request: rpc.ExperimentActionRequest) -> rpc.ExperimentResponse:
+        experiment = await self._experiments().action(
+            request.id, request.action, request.actor, request.reason
+        )
+        return await self._experiment_response(experiment)
+
+    async def optimizer_pause(self, request: rpc.OptimizerPauseRequest) -> rpc.OptimizerStatusResponse:
+        service = self._experiments()
+        pause = await service.set_pause(request.paused, request.reason, request.actor)
+        active = sum(1 for e in await service.all() if e.state == "active")
+        return rpc.OptimizerStatusResponse(pause=pause, defaults=await service.defaults(), active=active)
+
+    async def optimizer_history(self, request: rpc.HistoryRequest) -> rpc.HistoryResponse:
+        assert self.js is not None
+        rows = await read_history(self.js, request.experiment_id, request.limit)
+        return rpc.HistoryResponse(entries=[msgspec.convert(r, rpc.HistoryEntry) for r in rows])

@@ -60,6 +60,17 @@ class OptimizerSettings(CommonSettings, frozen=True, kw_only=True):
     rpc_timeout_seconds: PositiveFloat = 30.0
     """Time a query request may take before it is answered with a 503."""
 
+    experiment_eval_seconds: PositiveFloat = 60.0
+    """How often active experiments are evaluated (emergency checks and decisions)."""
+    max_active_experiments: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    """At most this many experiments are active at once."""
+    business_hours: str = "09:00-17:00"
+    """When medium- and high-risk experiments may start (local time of `FABRIK_BUSINESS_TIMEZONE`)."""
+    business_days: str = "mon,tue,wed,thu,fri"
+    """Days the business-hours window applies to (comma-separated, `mon` .. `sun`)."""
+    business_timezone: str = "UTC"
+    """IANA time zone of the business-hours window, e.g. `Europe/Berlin`."""
+
     def __post_init__(self) -> None:
         if parse_quantity(self.cost_workspace_size) is None:
             raise ValueError(

@@ -14,9 +14,11 @@ from fabrik_common.clock import SYSTEM_CLOCK, Clock
 from fabrik_common.runs import RunRecord
 from fabrik_common.schedules.model import def_key
 from fabrik_common.service import Service, run_service
+from fabrik_scheduler import experiments
 from fabrik_scheduler.alerting.channels import ChannelSender, SlackConfig, SmtpConfig
 from fabrik_scheduler.alerting.engine import AlertEngine, AlertMetrics, RetryPolicy
 from fabrik_scheduler.alerting.rules import load_rules
+from fabrik_scheduler.experiments import ExperimentView
 from fabrik_scheduler.handlers import router
 from fabrik_scheduler.scheduler import Scheduler
 from fabrik_scheduler.schedules.engine import ScheduleEngine
@@ -45,6 +47,9 @@ def build(settings: SchedulerSettings, *, clock: Clock | None = None) -> Service
             await js.key_value("runs"), await js.key_value("queue"), max_payload=service.bus.nc.max_payload
         )
         scheduler = Scheduler(settings, store, service.bus, clock=clock or SYSTEM_CLOCK)
+        config_kv = await js.key_value("config")
+        scheduler.experiments = ExperimentView(config_kv)
+        await experiments.load(config_kv, scheduler.experiments)
         queued = Gauge("fabrik_scheduler_queued_runs", "Runs waiting in the queue", registry=service.registry)
         active = Gauge(
             "fabrik_scheduler_active_runs", "Runs starting, running or cancelling", registry=service.registry
@@ -97,8 +102,24 @@ def build(settings: SchedulerSettings, *, clock: Clock | None = None) -> Service
         on_stop=on_stop,
         leader_lease=NAME,
         lease_ttl=settings.lease_ttl_seconds,
-        background=[dispatch_loop, reaper_loop, snapshot_loop, schedule_loop, health_loop, alert_loop],
+        background=[
+            dispatch_loop,
+            reaper_loop,
+            snapshot_loop,
+            schedule_loop,
+            health_loop,
+            alert_loop,
+            experiments_loop,
+        ],
     )
+
+
+async def experiments_loop(state: SchedulerState) -> None:
+    """Follow the experiments, defaults and pause in the `config` bucket while leading."""
+    view = state.scheduler.experiments
+    if view is None or view.kv is None:
+        return
+    await experiments.follow(view.kv, view)
 
 
 async def _lookup(scheduler: Scheduler, run_id: str) -> RunRecord | None:

@@ -53,6 +53,7 @@ from fabrik_common.runs import (
     parse_memory,
 )
 from fabrik_scheduler import health
+from fabrik_scheduler.experiments import ExperimentView
 from fabrik_scheduler.fairshare import Demand, FairShareQueue, QueuedRun
 from fabrik_scheduler.settings import SchedulerSettings
 from fabrik_scheduler.store import RunStore
@@ -126,6 +127,8 @@ class Scheduler:
         self.snapshot_dirty = True
         self.health_policy = health_policy(settings)
         self.health_decisions: dict[tuple[str, str], int] = {}
+        # Experiment assignment at dispatch (fabrik_scheduler.experiments); None: no experiments.
+        self.experiments: ExperimentView | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -397,6 +400,8 @@ class Scheduler:
 
             def mark(r: RunRecord) -> None:
                 self._set_attempt(r, dispatched_at=self.clock())
+                if self.experiments is not None:
+                    self.experiments.configure(r)
 
             starting = await self._transition(record, "starting", mutate=mark)
             if starting is not None:
@@ -790,6 +795,8 @@ class Scheduler:
                 params=record.params,
                 image_digest=record.image_digest,
                 experiment_arm=record.experiment_arm,
+                experiment=record.experiments[0] if record.experiments else None,
+                experiments=tuple(record.experiments),
                 deadline=now + timedelta(seconds=record.params.timeout_seconds),
             ),
             f"dispatch-{record.run_id}-{record.attempt}",

@@ -62,6 +62,7 @@ SPA_ROUTES: Final = (
     "/schedules",
     "/costs",
     "/experiments",
+    "/experiments/{experiment_id:str}",
 )
 _TYPES: Final = {
     ".js": "text/javascript; charset=utf-8",

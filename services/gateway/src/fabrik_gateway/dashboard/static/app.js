@@ -18,6 +18,7 @@ const ROUTES = [
   [/^\/schedules\/?$/, "schedules", schedulesPage],
   [/^\/costs\/?$/, "costs", costsPage],
   [/^\/experiments\/?$/, "experiments", experimentsPage],
+  [/^\/experiments\/([0-9A-Za-z]{26})\/?$/, "experiments", experimentsPage],
 ];
 
 const app = {

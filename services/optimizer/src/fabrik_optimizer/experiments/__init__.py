@@ -1,0 +1,1 @@
+"""Experiments on run configuration: sequential statistics and decisions."""
