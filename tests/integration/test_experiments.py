@@ -99,6 +99,26 @@ class Stack:
 
     async def outcomes(self, experiment_id: str, arm: str, succeeded: int, failed: int) -> None:
         """Decided runs of one arm, as the scheduler and executor announce them."""
+        await self.publish_in_order(self.outcome_events(experiment_id, arm, succeeded, failed))
+
+    async def mixed_outcomes(self, experiment_id: str, arms: dict[str, tuple[int, int]]) -> None:
+        """Decided runs of several arms (arm: (succeeded, failed)), interleaved in proportion as
+        assignment interleaves them: the optimizer may decide after any prefix of them, and a prefix
+        of one arm's runs alone is a sample-ratio mismatch."""
+        runs: list[tuple[float, list[Any]]] = []
+        for arm, (succeeded, failed) in arms.items():
+            events = self.outcome_events(experiment_id, arm, succeeded, failed)
+            per_run = [events[i : i + 2] for i in range(0, len(events), 2)]
+            runs += [((i + 0.5) / len(per_run), pair) for i, pair in enumerate(per_run)]
+        runs.sort(key=lambda r: r[0])
+        await self.publish_in_order([e for _, pair in runs for e in pair])
+
+    async def publish_in_order(self, events: list[Any]) -> None:
+        for start in range(0, len(events), 200):
+            await asyncio.gather(*(self.bus.publish(e) for e in events[start : start + 200]))
+
+    def outcome_events(self, experiment_id: str, arm: str, succeeded: int, failed: int) -> list[Any]:
+        """Each run's dispatch and its end, run after run."""
         events: list[Any] = []
         for i in range(succeeded + failed):
             run_id, outcome = new_ulid(), ("succeeded" if i < succeeded else "failed")
@@ -124,8 +144,7 @@ class Stack:
                     revision=5,
                 )
             )
-        for start in range(0, len(events), 200):
-            await asyncio.gather(*(self.bus.publish(e) for e in events[start : start + 200]))
+        return events
 
     async def experiment(self, experiment_id: str) -> dict[str, Any]:
         response = await self.http.get(f"/api/v1/experiments/{experiment_id}", headers=ADMIN)
@@ -289,15 +308,14 @@ async def test_rollback_ship_defaults_and_approval(stack: Stack) -> None:
     assert {e["field"] for e in bad.json()["errors"]} >= {"treatment_share", "treatments[0].name"}
 
     hurts = (await stack.create(name="hurts")).json()["experiment"]
-    await stack.outcomes(hurts["id"], "control", 36, 4)
-    await stack.outcomes(hurts["id"], "six", 4, 6)  # 40 % against 90 %: emergency rollback
+    # 40 % against 90 %: emergency rollback
+    await stack.mixed_outcomes(hurts["id"], {"control": (36, 4), "six": (4, 6)})
     rolled = await stack.wait_state(hurts["id"], "rolled_back")
     assert rolled["experiment"]["decision"] == "ROLLBACK"
     assert [(a["name"], a["runs"]) for a in rolled["arms"]] == [("control", 40), ("six", 10)]
 
     wins = (await stack.create(name="wins", target={"project": "sim"})).json()["experiment"]
-    await stack.outcomes(wins["id"], "control", 80, 80)
-    await stack.outcomes(wins["id"], "six", 39, 1)
+    await stack.mixed_outcomes(wins["id"], {"control": (80, 80), "six": (39, 1)})
     shipped = await stack.wait_state(wins["id"], "shipped")
     assert shipped["experiment"]["winner"] == "six"
     listed = (await stack.http.get("/api/v1/experiments", headers=ADMIN)).json()

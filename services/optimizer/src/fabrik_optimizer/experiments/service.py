@@ -156,6 +156,10 @@ class Experiments:
         self.clock = clock
         self.limits = limits or Limits()
         self.lock = asyncio.Lock()
+        # The keys of the experiments, listed once: this optimizer is the only writer of `config`, so
+        # it learns every later key from its own puts. Listing keys costs a consumer on the bucket's
+        # stream each time, too many for a loop that evaluates every minute (every tick in tests).
+        self._experiment_keys: set[str] | None = None
 
     # -- storage ------------------------------------------------------------------------------
 
@@ -172,21 +176,27 @@ class Experiments:
             raise ExperimentError(404, "not_found", f"no experiment {experiment_id}", "id")
         return ex.decode_experiment(data)
 
+    async def _keys(self) -> set[str]:
+        if self._experiment_keys is None:
+            try:
+                listed = await self.kv.keys()
+            except NoKeysError:
+                listed = []
+            self._experiment_keys = {k for k in listed if k.startswith(ex.EXPERIMENT_PREFIX)}
+        return self._experiment_keys
+
     async def all(self) -> list[ex.Experiment]:
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
         found = []
-        for key in keys:
-            if key.startswith(ex.EXPERIMENT_PREFIX):
-                data = await self._get_raw(key)
-                if data is not None:
-                    found.append(ex.decode_experiment(data))
+        for key in sorted(await self._keys()):
+            data = await self._get_raw(key)
+            if data is not None:
+                found.append(ex.decode_experiment(data))
         return sorted(found, key=lambda e: (e.created_at, e.id))
 
     async def _put(self, experiment: ex.Experiment) -> ex.Experiment:
-        await self.kv.put(ex.experiment_key(experiment.id), ex.encode(experiment))
+        key = ex.experiment_key(experiment.id)
+        await self.kv.put(key, ex.encode(experiment))
+        (await self._keys()).add(key)
         return experiment
 
     async def defaults(self) -> ex.Defaults:
