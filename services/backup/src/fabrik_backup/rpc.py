@@ -40,6 +40,7 @@ from fabrik_common.backup_rpc import (
     VerifyRequest,
 )
 from fabrik_common.ids import new_ulid
+from fabrik_common.rpcserver import request_handler, subscribe_all, unsubscribe_all
 
 log = logging.getLogger(__name__)
 
@@ -115,38 +116,16 @@ class RpcServer:
             (rpc.PRUNE, self._handler(PruneRequest, self.prune)),
             (rpc.SCHEDULE, self._handler(ScheduleRequest, self.schedule_info)),
         ]
-        for subject, cb in routes:
-            self._subs.append(await self.nc.subscribe(subject, queue=rpc.QUEUE_GROUP, cb=cb))
-        await self.nc.flush()
+        self._subs += await subscribe_all(self.nc, routes, rpc.QUEUE_GROUP)
 
     async def stop(self) -> None:
         subs, self._subs = self._subs, []
-        for sub in subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection may already be closing
-                log.debug("unsubscribe failed", exc_info=True)
+        await unsubscribe_all(subs)
 
     def _handler(
         self, request_type: type[Req], serve: Callable[[Req], Awaitable[msgspec.Struct]]
     ) -> Callable[[Msg], Awaitable[None]]:
-        async def handle(msg: Msg) -> None:
-            request = rpc.decode_request(msg.data, request_type)
-            response: msgspec.Struct
-            if isinstance(request, RpcError):
-                response = request
-            else:
-                try:
-                    response = await serve(request)
-                except RequestError as exc:
-                    response = exc.error
-                except Exception as exc:
-                    log.exception("request failed", extra={"subject": msg.subject})
-                    response = RpcError(status=500, rule="internal", message=f"{type(exc).__name__}: {exc}")
-            if msg.reply:
-                await msg.respond(rpc.encode(response))
-
-        return handle
+        return request_handler(rpc, request_type, serve, expected=(RequestError,))
 
     async def _manifest_exists(self, backup_id: str) -> None:
         names = await self.target.list(f"{backup_id}/{MANIFEST}")

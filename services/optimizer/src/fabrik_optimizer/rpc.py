@@ -51,6 +51,7 @@ from fabrik_common.optimizer_rpc import (
     SuccessRateRow,
     month_of,
 )
+from fabrik_common.rpcserver import request_handler, subscribe_all, unsubscribe_all
 from fabrik_optimizer.analytics import queries
 from fabrik_optimizer.analytics.rebuild import RebuildBusyError, Rebuilder
 from fabrik_optimizer.analytics.store import AnalyticsStore
@@ -207,40 +208,16 @@ class RpcServer:
                 (rpc.OPTIMIZER_PAUSE, self._handler(rpc.OptimizerPauseRequest, self.optimizer_pause)),
                 (rpc.OPTIMIZER_HISTORY, self._handler(rpc.HistoryRequest, self.optimizer_history)),
             ]
-        for subject, cb in routes:
-            self._subs.append(await self.nc.subscribe(subject, queue=rpc.QUEUE_GROUP, cb=cb))
-        await self.nc.flush()
+        self._subs += await subscribe_all(self.nc, routes, rpc.QUEUE_GROUP)
 
     async def stop(self) -> None:
         subs, self._subs = self._subs, []
-        for sub in subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection may already be closing
-                log.debug("unsubscribe failed", exc_info=True)
+        await unsubscribe_all(subs)
 
     def _handler(
         self, request_type: type[Req], serve: Callable[[Req], Awaitable[msgspec.Struct]]
     ) -> Callable[[Msg], Awaitable[None]]:
-        async def handle(msg: Msg) -> None:
-            request = rpc.decode_request(msg.data, request_type)
-            response: msgspec.Struct
-            if isinstance(request, RpcError):
-                response = request
-            else:
-                try:
-                    response = await serve(request)
-                except RequestError as exc:
-                    response = exc.error
-                except ExperimentError as exc:
-                    response = exc.error
-                except Exception as exc:
-                    log.exception("request failed", extra={"subject": msg.subject})
-                    response = RpcError(status=500, rule="internal", message=f"{type(exc).__name__}: {exc}")
-            if msg.reply:
-                await msg.respond(rpc.encode(response))
-
-        return handle
+        return request_handler(rpc, request_type, serve, expected=(RequestError, ExperimentError))
 
     async def _query(self, fn: Callable[[AnalyticsStore], T]) -> T:
         """Run a read in a worker thread on its own connection (the in-memory store: on the loop)."""
