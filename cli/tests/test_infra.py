@@ -101,7 +101,6 @@ def test_plan_on_an_empty_project_creates_everything_and_changes_nothing(
 def test_apply_creates_the_cluster_and_a_second_apply_changes_nothing(
     double: HcloudDouble, infra_file: Path
 ) -> None:
-    started = time.monotonic()
     cluster = make_cluster(double, infra_file)
     cluster.apply()
 
@@ -162,7 +161,6 @@ def test_apply_creates_the_cluster_and_a_second_apply_changes_nothing(
     assert len(double.mutations) == before
     # lists were paged (page_size 2): more than one page of servers was read
     assert any(path == "/v1/servers" and query.get("page") == "2" for path, query in double.calls)
-    assert time.monotonic() - started < 20
 
 
 def test_growing_a_pool_adds_joining_nodes_and_shrinking_drains_first(
