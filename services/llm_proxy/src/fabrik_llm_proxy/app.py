@@ -12,8 +12,8 @@ from typing import Any
 from litestar import Request, Response, asgi, get
 from litestar.types import ControllerRouterHandler, Receive, Scope, Send
 
+from fabrik_common import kvwatch
 from fabrik_common.service import Service, run_service
-from fabrik_llm_proxy import kvwatch
 from fabrik_llm_proxy.accounting import EventPublisher
 from fabrik_llm_proxy.aio import cancel_requested
 from fabrik_llm_proxy.budgets import Budgets

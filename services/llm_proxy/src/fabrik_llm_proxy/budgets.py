@@ -24,8 +24,8 @@ from typing import Literal
 import msgspec
 from nats.js.kv import KeyValue
 
+from fabrik_common import kvwatch
 from fabrik_common.events import RunBudgetExceeded
-from fabrik_llm_proxy import kvwatch
 from fabrik_llm_proxy.limits import SharedCounters
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ import msgspec
 import yaml
 from nats.js.kv import KeyValue
 
+from fabrik_common import kvwatch
 from fabrik_common.ids import is_dns1123_label, is_ulid
 from fabrik_common.runkeys import RevocationSet, RunKeyClaims, RunKeyError, is_run_key, verify_run_key
-from fabrik_llm_proxy import kvwatch
 
 log = logging.getLogger(__name__)
 

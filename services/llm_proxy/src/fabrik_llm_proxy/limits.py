@@ -37,7 +37,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from fabrik_llm_proxy import kvwatch
+from fabrik_common import kvwatch
 from fabrik_llm_proxy.aio import cancel_requested
 from fabrik_llm_proxy.config import LimitsConfig
 

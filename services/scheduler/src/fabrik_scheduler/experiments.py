@@ -9,14 +9,13 @@ the record. A later attempt (resume, heal) keeps the configuration and the arms 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import msgspec
-import nats.errors
 from nats.js.kv import KeyValue
 
 from fabrik_common import experiments as ex
+from fabrik_common import kvwatch
 from fabrik_common.runs import RunRecord
 
 log = logging.getLogger(__name__)
@@ -78,35 +77,9 @@ class ExperimentView:
 
 async def load(kv: KeyValue, view: ExperimentView, wait: float = 5.0, settle: float = 0.25) -> None:
     """Read the bucket's current entries into `view` (the initial values of a watch)."""
-    watcher = await kv.watch(">")
-    marker_seen = False
-    try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=settle if marker_seen else wait)  # type: ignore[no-untyped-call]
-            except nats.errors.TimeoutError:
-                if marker_seen:
-                    return
-                raise
-            if entry is None:
-                marker_seen = True
-                continue
-            view.observe(entry.key, None if entry.operation in ("DEL", "PURGE") else entry.value)
-            if entry.delta == 0:
-                return
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()  # type: ignore[no-untyped-call]
+    await kvwatch.load(kv, ">", lambda key, value, _revision: view.observe(key, value), wait, settle)
 
 
 async def follow(kv: KeyValue, view: ExperimentView) -> None:
     """Keep `view` current: every change the optimizer writes is seen within milliseconds."""
-    watcher = await kv.watch(">")
-    try:
-        async for entry in watcher:
-            if entry is None:
-                continue
-            view.observe(entry.key, None if entry.operation in ("DEL", "PURGE") else entry.value)
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()  # type: ignore[no-untyped-call]
+    await kvwatch.follow(kv, ">", lambda key, value, _revision: view.observe(key, value))

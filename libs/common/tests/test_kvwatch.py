@@ -6,10 +6,10 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from fabrik_common import kvwatch
 from fabrik_common.bus import Bus, BusOptions
 from fabrik_common.metrics import BusMetrics
 from fabrik_common.topology import ensure_topology
-from fabrik_llm_proxy import kvwatch
 
 
 async def test_load_feeds_every_matching_key_and_returns(nats_url: str) -> None:
