@@ -308,8 +308,8 @@ async def test_rollback_ship_defaults_and_approval(stack: Stack) -> None:
     assert {e["field"] for e in bad.json()["errors"]} >= {"treatment_share", "treatments[0].name"}
 
     hurts = (await stack.create(name="hurts")).json()["experiment"]
-    # 40 % against 90 %: emergency rollback
-    await stack.mixed_outcomes(hurts["id"], {"control": (36, 4), "six": (4, 6)})
+    # 10 % against 90 %: emergency rollback
+    await stack.mixed_outcomes(hurts["id"], {"control": (36, 4), "six": (1, 9)})
     rolled = await stack.wait_state(hurts["id"], "rolled_back")
     assert rolled["experiment"]["decision"] == "ROLLBACK"
     assert [(a["name"], a["runs"]) for a in rolled["arms"]] == [("control", 40), ("six", 10)]

@@ -255,15 +255,17 @@ def test_decide_skips_guardrails_not_measured_in_either_arm() -> None:
 def test_emergency_rules() -> None:
     control = _arm("control", 100, 80)
     assert emergency(control, _arm("t", 20, 16)) == []
-    low = emergency(control, _arm("t", 20, 13))  # 0.65 < 0.9 x 0.8
+    # 0.65 < 0.9 x 0.8 as a point estimate, but well inside the noise of 20 runs: no alarm.
+    assert emergency(control, _arm("t", 20, 13)) == []
+    low = emergency(control, _arm("t", 20, 4))  # 0.2: far below 0.72
     assert len(low) == 1
     assert "success rate" in low[0]
-    failing = emergency(_arm("control", 100, 95), _arm("t", 20, 17))  # failures 0.15 > 2 x 0.05
+    failing = emergency(_arm("control", 100, 95), _arm("t", 20, 5))  # failures 0.75 > 2 x 0.05
     assert any("failure rate" in r for r in failing)
-    # Mean cost: control 1.0, treatment 6 x 0.595 = 3.57 (the first 20 values of the spread).
-    costly = emergency(control, _arm("t", 20, 16, cost=6.0))
-    assert any("cost per run" in r for r in costly)
-    assert emergency(control, _arm("t", 20, 16, cost=6.0), approved_cost_ceiling=4.0) == []
+    # Mean cost: control 0.995, treatment 30 x 0.595 = 17.85 (the first 20 values of the spread).
+    costly = emergency(control, _arm("t", 20, 16, cost=30.0))
+    assert [r for r in costly if "cost per run" in r]
+    assert emergency(control, _arm("t", 20, 16, cost=30.0), approved_cost_ceiling=40.0) == []
     assert emergency(control, _arm("t", 20, 16, cost=4.8)) == []  # 2.86 x control
 
 
@@ -275,6 +277,35 @@ def test_emergency_needs_a_minimum_sample() -> None:
     assert emergency(perfect, _arm("t", 10, 0)) != []
     few_costs = ArmSample("t", 9, 9, 0, 0, [100.0] * 9, [])
     assert emergency(perfect, few_costs) == []
+
+
+def test_emergency_under_continuous_monitoring() -> None:
+    # Looks after every 12 runs (20 % to the treatment) up to 576 runs: equal arms almost never
+    # alarm, a broken treatment alarms at the first look with 10 treatment runs.
+    rng = random.Random(11)
+
+    def first_alarm(p_control: float, p_treatment: float) -> int | None:
+        """The look (counted from the first with 10 treatment runs) that alarmed."""
+        xc = nc = xt = nt = 0
+        eligible = 0
+        for _ in range(48):
+            for _ in range(12):
+                if rng.random() < 0.2:
+                    nt += 1
+                    xt += rng.random() < p_treatment
+                else:
+                    nc += 1
+                    xc += rng.random() < p_control
+            control = ArmSample("c", nc, xc, nc - xc, 0, [], [])
+            if emergency(control, ArmSample("t", nt, xt, nt - xt, 0, [], [])):
+                return eligible
+            eligible += nt >= 10 and nc >= 10
+        return None
+
+    for p in (0.5, 0.7, 0.9):
+        assert sum(first_alarm(p, p) is not None for _ in range(300)) <= 6  # alpha 1 %, 2 % allowed
+    broken = [first_alarm(0.7, 0.0) for _ in range(100)]
+    assert broken == [0] * 100
 
 
 # ---------------------------------------------------------------------------------------------------

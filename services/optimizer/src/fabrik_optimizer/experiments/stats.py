@@ -565,6 +565,16 @@ def _fmt(x: float) -> str:
 # Emergency rollback
 
 
+def _ratio_breach(x_t: int, n_t: int, x_c: int, n_c: int, factor: float) -> _Diff:
+    """rate_T - factor x rate_C, with the plug-in variance of the estimate (smoothed rates, as in
+    `_rate_diff`, so that 0 or n events do not give a zero-width interval)."""
+    st = (x_t + 1) / (n_t + 2)
+    sc = (x_c + 1) / (n_c + 2)
+    variance = st * (1 - st) / n_t + factor * factor * sc * (1 - sc) / n_c
+    pooled_rate = (x_t + x_c + 1) / (n_t + n_c + 2)
+    return _Diff(x_t / n_t - factor * x_c / n_c, variance, pooled_rate * (1 - pooled_rate))
+
+
 def emergency(
     control: ArmSample,
     treatment: ArmSample,
@@ -572,27 +582,43 @@ def emergency(
     *,
     min_runs: int = 10,
     min_failures: int = 3,
+    alpha: float = 0.01,
+    tau: float = 1.0,
 ) -> list[str]:
-    """Reasons for an immediate rollback (empty: fine). Point estimates, no test: a coarse safety net
-    checked every minute. Each rule needs `min_runs` runs (or cost values) in both arms; the
-    failure-rate rule also needs `min_failures` failures in the treatment, so that a single early
-    failure against a control without failures does not fire it.
+    """Reasons for an immediate rollback (empty: fine), checked at every evaluation. Each rule fires
+    when an always-valid confidence sequence (level `alpha`, normal mixture of standard deviation
+    `tau`: tuned to large effects) excludes "no breach":
 
     - treatment success rate < 0.9 x control success rate
     - treatment failure rate > 2 x control failure rate
-    - treatment cost per run > approved_cost_ceiling x control cost per run"""
+    - treatment cost per run > approved_cost_ceiling x control cost per run
+
+    Point estimates would not do: with 10 to 100 treatment runs, 0.9 x the control's rate is inside
+    the noise, and an A/A experiment looked at every interval would be rolled back more often than
+    not. Each rule also needs `min_runs` runs (or cost values) in both arms, and the failure rule
+    `min_failures` failed treatment runs."""
     reasons: list[str] = []
     if control.runs >= min_runs and treatment.runs >= min_runs:
         sc, st = control.successes / control.runs, treatment.successes / treatment.runs
-        if st < 0.9 * sc:
+        low = _ratio_breach(treatment.successes, treatment.runs, control.successes, control.runs, 0.9)
+        if low.estimate + mixture_halfwidth(low.variance, low.pooled, alpha, tau) < 0:
             reasons.append(f"success rate {st:.3f} below 0.9 x control {sc:.3f}")
         fc, ft = control.failures / control.runs, treatment.failures / treatment.runs
-        if treatment.failures >= min_failures and ft > 2 * fc:
+        high = _ratio_breach(treatment.failures, treatment.runs, control.failures, control.runs, 2.0)
+        if (
+            treatment.failures >= min_failures
+            and high.estimate - mixture_halfwidth(high.variance, high.pooled, alpha, tau) > 0
+        ):
             reasons.append(f"failure rate {ft:.3f} above 2 x control {fc:.3f}")
     if len(control.costs) >= min_runs and len(treatment.costs) >= min_runs:
-        cc = math.fsum(control.costs) / len(control.costs)
-        ct = math.fsum(treatment.costs) / len(treatment.costs)
-        if ct > approved_cost_ceiling * cc:
+        ratio = _log_ratio_of_means(treatment.costs, control.costs)
+        ceiling = math.log(approved_cost_ceiling)
+        if (
+            ratio.defined
+            and ratio.estimate - ceiling - mixture_halfwidth(ratio.variance, ratio.pooled, alpha, tau) > 0
+        ):
+            cc = math.fsum(control.costs) / len(control.costs)
+            ct = math.fsum(treatment.costs) / len(treatment.costs)
             reasons.append(
                 f"cost per run {ct:.4f} USD above {approved_cost_ceiling:g} x control {cc:.4f} USD"
             )
