@@ -36,6 +36,7 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 
+from fabrik_common.experiments import parse_stamp_text
 from fabrik_common.urls import redact_url
 
 NANOS_PER_USD = 1_000_000_000
@@ -154,12 +155,20 @@ SCHEMA: tuple[str, ...] = (
         model TEXT NOT NULL,
         PRIMARY KEY (run_id, model)
     )""",
+    # Derived from runs.experiment_arm at ingest: an experiment's runs by index, where the text
+    # column could only be scanned with LIKE (every run, for every experiment, every minute).
+    """CREATE TABLE IF NOT EXISTS run_arms (
+        experiment_id TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        arm TEXT NOT NULL,
+        PRIMARY KEY (experiment_id, run_id)
+    )""",
     "CREATE TABLE IF NOT EXISTS analytics_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 # Bumped whenever a table changes: a store of another version is emptied at open and must be
 # rebuilt from the streams (`AnalyticsStore.reset` tells the service to do so).
-SCHEMA_VERSION = "4"
-TABLES: tuple[str, ...] = ("runs", "llm_calls", "run_llm", "run_models", "analytics_meta")
+SCHEMA_VERSION = "5"
+TABLES: tuple[str, ...] = ("runs", "llm_calls", "run_llm", "run_models", "run_arms", "analytics_meta")
 _RUN_LLM_CHUNK = 500
 
 
@@ -192,6 +201,10 @@ def _upsert(table: str, columns: Sequence[str], key: str) -> str:
 _UPSERT_RUN = _upsert("runs", RUN_COLUMNS, "run_id")
 _UPSERT_CALL = _upsert("llm_calls", LLM_CALL_COLUMNS, "call_id")
 _UPSERT_RUN_LLM = _upsert("run_llm", ("run_id", "llm_cost_nanos", "calls", "models"), "run_id")
+_UPSERT_RUN_ARM = (
+    "INSERT INTO run_arms (experiment_id, run_id, arm) VALUES (?, ?, ?) "
+    "ON CONFLICT (experiment_id, run_id) DO UPDATE SET arm = excluded.arm"
+)
 _run_values = operator.itemgetter(*RUN_COLUMNS)
 _call_values = operator.itemgetter(*LLM_CALL_COLUMNS)
 
@@ -473,14 +486,25 @@ class AnalyticsStore:
 
     def _flush(self) -> None:
         if self._pending_runs:
-            rows = [_values(row, _run_values, RUN_COLUMNS) for row in self._pending_runs.values()]
+            pending = list(self._pending_runs.values())
             self._pending_runs.clear()
-            self._executemany(_UPSERT_RUN, rows)
+            self._executemany(_UPSERT_RUN, [_values(row, _run_values, RUN_COLUMNS) for row in pending])
+            self._derive_run_arms(pending)
         if self._pending_calls:
             calls = list(self._pending_calls.values())
             self._pending_calls.clear()
             self._executemany(_UPSERT_CALL, [_values(r, _call_values, LLM_CALL_COLUMNS) for r in calls])
             self._derive_run_llm(calls)
+
+    def _derive_run_arms(self, rows: Sequence[dict[str, Any]]) -> None:
+        arms = [
+            (experiment_id, row["run_id"], arm)
+            for row in rows
+            if row.get("experiment_arm")
+            for experiment_id, arm in parse_stamp_text(row["experiment_arm"]).items()
+        ]
+        if arms:
+            self._executemany(_UPSERT_RUN_ARM, arms)
 
     def _derive_run_llm(self, calls: Sequence[dict[str, Any]]) -> None:
         """Record the calls' models in `run_models` and recompute `run_llm` of their runs from
@@ -678,6 +702,7 @@ class AnalyticsStore:
         else:
             with self.transaction():
                 self._execute(_UPSERT_RUN, _values(row, _run_values, RUN_COLUMNS))
+                self._derive_run_arms([row])
         if self._cache_size:
             self._remember(row)
 

@@ -2,15 +2,16 @@
 
 A run's arms are in the `experiment_arm` column (`<experiment id>/<arm>`, comma-separated when it
 takes part in several experiments), written at dispatch by the scheduler and folded in by the
-ingest. Only decided runs count (`succeeded`, `failed`, `timed_out`, `budget_exceeded`): a cancelled
-run is a user's decision, and a run in progress has no outcome yet.
+ingest, which also indexes them in `run_arms` (one row per experiment and run). Only decided
+runs count (`succeeded`, `failed`, `timed_out`, `budget_exceeded`): a cancelled run is a user's
+decision, and a run in progress has no outcome yet.
 """
 
 from __future__ import annotations
 
 import math
 
-from fabrik_common.experiments import Experiment, parse_stamp_text
+from fabrik_common.experiments import Experiment
 from fabrik_optimizer.analytics.store import NANOS_PER_USD, AnalyticsStore
 from fabrik_optimizer.experiments.stats import ArmSample
 
@@ -22,12 +23,12 @@ def arm_samples(store: AnalyticsStore, experiment: Experiment) -> dict[str, ArmS
     rows = store.query(
         """
         SELECT r.run_id AS run_id, r.state AS state, r.reason AS reason, r.run_seconds AS run_seconds,
-               r.experiment_arm AS experiment_arm, r.compute_cost_nanos AS compute_cost_nanos,
+               a.arm AS arm, r.compute_cost_nanos AS compute_cost_nanos,
                r.storage_cost_nanos AS storage_cost_nanos, l.llm_cost_nanos AS llm_cost_nanos
-        FROM runs r LEFT JOIN run_llm l ON l.run_id = r.run_id
-        WHERE r.experiment_arm LIKE ? AND r.state IN (?, ?, ?, ?)
+        FROM run_arms a JOIN runs r ON r.run_id = a.run_id LEFT JOIN run_llm l ON l.run_id = r.run_id
+        WHERE a.experiment_id = ? AND r.state IN (?, ?, ?, ?)
         """,
-        [f"%{experiment.id}/%", *DECIDED],
+        [experiment.id, *DECIDED],
     )
     runs: dict[str, int] = {}
     successes: dict[str, int] = {}
@@ -35,9 +36,7 @@ def arm_samples(store: AnalyticsStore, experiment: Experiment) -> dict[str, ArmS
     costs: dict[str, list[float]] = {}
     durations: dict[str, list[float]] = {}
     for row in rows:
-        arm = parse_stamp_text(row["experiment_arm"]).get(experiment.id)
-        if arm is None:
-            continue
+        arm = row["arm"]
         runs[arm] = runs.get(arm, 0) + 1
         if row["state"] == "succeeded":
             successes[arm] = successes.get(arm, 0) + 1
