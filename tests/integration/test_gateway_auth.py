@@ -205,6 +205,7 @@ def operations(document: dict[str, Any]) -> list[tuple[str, str]]:
         "token_id": new_ulid(),
         "schedule_id": new_ulid(),
         "experiment_id": new_ulid(),
+        "candidate_id": "0" * 20,
         "backup_id": new_ulid(),
         "operation_id": new_ulid(),
     }
@@ -362,7 +363,9 @@ async def test_api_tokens_are_shown_once_used_scoped_and_revoked(stack: Stack) -
         stored = (await kv.get(f"api.{created['token_id']}")).value or b""
     finally:
         await nc.close()
-    assert secret.encode() not in stored and secret.removeprefix("fbk_").partition("_")[2].encode() not in stored
+    assert (
+        secret.encode() not in stored and secret.removeprefix("fbk_").partition("_")[2].encode() not in stored
+    )
     listed = (await stack.http.get("/api/v1/tokens", headers=admin)).json()["items"]
     assert [t["token_id"] for t in listed] == [created["token_id"]] and "token" not in listed[0]
 

@@ -1,6 +1,7 @@
 """`fabrik optimizer experiments list|show|create|approve|pause|resume|stop|rollback`,
-`fabrik optimizer pause|resume|history`: the optimizer's experiments on run configuration, its
-global pause and the history of its changes, through the gateway (docs/optimizer.md#api-and-cli).
+`fabrik optimizer pause|resume|history`, `fabrik optimizer candidates|start-candidate`: the
+optimizer's experiments on run configuration, the ones it proposes, its global pause and the
+history of its changes, through the gateway (docs/optimizer.md#api-and-cli).
 """
 
 from __future__ import annotations
@@ -63,6 +64,23 @@ def experiment_report(data: Any) -> str:
         )
     for approval in e.get("approvals") or []:
         lines.append(f"approved ({approval['kind']}) by {approval['by']} at {approval['at']}")
+    return "\n".join(lines)
+
+
+def candidates_table(data: Any) -> str:
+    rows = data.get("candidates") or []
+    lines = [f"auto mode: {'on (low-risk candidates start by themselves)' if data.get('auto') else 'off'}"]
+    if not rows:
+        lines.append("no candidates")
+        return "\n".join(lines)
+    lines.append(f"{'ID':20}  {'RISK':6}  {'PARAMETER':24}  {'RUNS':>6}  {'TARGET':28}  WHY")
+    for c in rows:
+        target = c.get("target") or {}
+        where = "/".join(str(target[k]) for k in ("project", "spec", "env") if target.get(k)) or "(every run)"
+        lines.append(
+            f"{c['id']:20}  {c['risk']:6}  {c['parameter']:24}  {c['sample_size']:>6}  {where:28}  "
+            f"{c['summary']}"
+        )
     return "\n".join(lines)
 
 
@@ -170,6 +188,29 @@ _action("pause", "Stop assigning runs to an experiment until it is resumed.")
 _action("resume", "Resume a paused experiment, or start a draft.")
 _action("stop", "End an experiment without a rollout.")
 _action("rollback", "Put back the defaults a shipped experiment's rollout replaced (admins).")
+
+
+@optimizer_group.command("candidates")
+@click.option("--project", default=None, help="Only candidates targeting this project.")
+@api_option
+@output_option
+def optimizer_candidates(project: str | None, api: str | None, output: str) -> None:
+    """Experiments the optimizer proposes from its insights, with the numbers behind each."""
+    params = [("project", project)] if project else None
+    with open_client(api) as client:
+        data = client.request("GET", "/experiments/candidates", params=params)
+    emit(data, output, candidates_table)
+
+
+@optimizer_group.command("start-candidate")
+@click.argument("candidate_id")
+@api_option
+@output_option
+def optimizer_start_candidate(candidate_id: str, api: str | None, output: str) -> None:
+    """Create a candidate's experiment (as you; a maintainer of its project)."""
+    with open_client(api) as client:
+        data = client.request("POST", f"/experiments/candidates/{candidate_id}/start")
+    emit(data, output, experiment_report)
 
 
 @optimizer_group.command("pause")

@@ -50,6 +50,8 @@ EXPERIMENTS_GET = f"{PREFIX}.experiments.get"
 EXPERIMENTS_ACTION = f"{PREFIX}.experiments.action"
 OPTIMIZER_PAUSE = f"{PREFIX}.pause"
 OPTIMIZER_HISTORY = f"{PREFIX}.history"
+CANDIDATES_LIST = f"{PREFIX}.candidates.list"
+CANDIDATES_START = f"{PREFIX}.candidates.start"
 SUBJECTS: tuple[str, ...] = (
     COSTS,
     INSIGHTS,
@@ -63,6 +65,8 @@ SUBJECTS: tuple[str, ...] = (
     EXPERIMENTS_ACTION,
     OPTIMIZER_PAUSE,
     OPTIMIZER_HISTORY,
+    CANDIDATES_LIST,
+    CANDIDATES_START,
 )
 QUEUE_GROUP = "optimizer"
 
@@ -451,6 +455,49 @@ class HistoryEntry(_Struct, frozen=True, kw_only=True):
 class HistoryResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="history"):
     entries: list[HistoryEntry]
     """Oldest first, the last `limit` of them."""
+
+
+# ------------------------------------------------------------------------------------------------
+# candidate experiments, proposed from the analytics insights (docs/optimizer.md#candidates)
+
+CandidateKind = Literal["memory_limit", "model"]
+CandidateId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{20}$", description="Candidate id")]
+
+
+class Candidate(_Struct, frozen=True, kw_only=True):
+    """An experiment the optimizer proposes. `id` is a hash of (target, parameter, treatment
+    value): the same proposal keeps its id from one round to the next. `evidence` holds the
+    numbers behind it, `sample_size` the decided runs they come from."""
+
+    id: str
+    kind: CandidateKind
+    name: str
+    summary: str
+    """One sentence: what was seen and what to try."""
+    target: Target
+    parameter: str
+    control: Arm
+    treatments: list[Arm]
+    risk: Risk
+    guardrails: list[Guardrail]
+    evidence: dict[str, Any]
+    sample_size: int
+
+
+class CandidatesListRequest(_Struct, frozen=True, kw_only=True):
+    project: ProjectName | None = None
+    """Only candidates targeting this project."""
+
+
+class CandidatesListResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="candidates"):
+    candidates: list[Candidate]
+    auto: bool
+    """Low-risk candidates are started by the optimizer itself (`FABRIK_OPTIMIZER_AUTO`)."""
+
+
+class CandidateStartRequest(_Struct, frozen=True, kw_only=True):
+    id: CandidateId
+    actor: str = ""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from fabrik_optimizer.analytics.ingest import Costing
 from fabrik_optimizer.analytics.rebuild import Rebuilder
 from fabrik_optimizer.analytics.store import AnalyticsStore
 from fabrik_optimizer.budgets import WATCH_KEYS, BudgetBook, BudgetMonitor, month_bounds
+from fabrik_optimizer.experiments.candidates import CandidatePolicy, CandidateService, auto_loop
 from fabrik_optimizer.experiments.service import BusinessHours, Experiments, Limits, evaluation_loop
+from fabrik_optimizer.experiments.spec_pr import SpecPullRequests
 from fabrik_optimizer.handlers import router
 from fabrik_optimizer.prices import HcloudPrices, PriceBook
 from fabrik_optimizer.rpc import RpcServer
@@ -130,6 +132,7 @@ def build(settings: OptimizerSettings, *, clock: Clock | None = None) -> Service
     """`clock` drives the experiments' evaluation (max duration, business hours, timestamps); tests
     pass a manual one. The system clock by default."""
     hours = BusinessHours.parse(settings.business_hours, settings.business_days, settings.business_timezone)
+    spec_repository = settings.spec_pull_requests()
     costing = build_costing(settings)
     token = settings.hcloud_api_token()
     hcloud = (
@@ -178,6 +181,18 @@ def build(settings: OptimizerSettings, *, clock: Clock | None = None) -> Service
             clock or SYSTEM_CLOCK,
             Limits(max_active=settings.max_active_experiments, hours=hours),
         )
+        if spec_repository is not None:
+            experiments.propose_change = SpecPullRequests(spec_repository).propose
+        candidates = CandidateService(
+            experiments,
+            lambda: state.store,
+            CandidatePolicy(
+                min_runs=settings.candidate_min_runs,
+                oom_rate=settings.candidate_oom_rate,
+                headroom=settings.candidate_memory_headroom,
+            ),
+            auto=settings.optimizer_auto,
+        )
         server = RpcServer(
             service.bus.nc,
             state,
@@ -186,10 +201,13 @@ def build(settings: OptimizerSettings, *, clock: Clock | None = None) -> Service
             timeout=settings.rpc_timeout_seconds,
             experiments=experiments,
             js=js,
+            candidates=candidates,
         )
         state.tasks.append(
             asyncio.create_task(evaluation_loop(experiments, settings.experiment_eval_seconds))
         )
+        if settings.optimizer_auto:
+            state.tasks.append(asyncio.create_task(auto_loop(candidates, settings.candidate_eval_seconds)))
         await server.start()
         rpc_server.append(server)
         if hcloud is not None:

@@ -56,6 +56,7 @@ from fabrik_optimizer.analytics import queries
 from fabrik_optimizer.analytics.rebuild import RebuildBusyError, Rebuilder
 from fabrik_optimizer.analytics.store import AnalyticsStore
 from fabrik_optimizer.budgets import budget_key, budget_status, month_bounds, spend_of
+from fabrik_optimizer.experiments.candidates import CandidateService
 from fabrik_optimizer.experiments.service import ExperimentError, Experiments, read_history
 from fabrik_optimizer.state import OptimizerState
 
@@ -179,8 +180,10 @@ class RpcServer:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         experiments: Experiments | None = None,
         js: JetStreamContext | None = None,
+        candidates: CandidateService | None = None,
     ) -> None:
         self.experiments = experiments
+        self.candidates = candidates
         self.js = js
         self.nc = nc
         self.state = state
@@ -207,6 +210,11 @@ class RpcServer:
                 (rpc.EXPERIMENTS_ACTION, self._handler(rpc.ExperimentActionRequest, self.experiment_action)),
                 (rpc.OPTIMIZER_PAUSE, self._handler(rpc.OptimizerPauseRequest, self.optimizer_pause)),
                 (rpc.OPTIMIZER_HISTORY, self._handler(rpc.HistoryRequest, self.optimizer_history)),
+            ]
+        if self.candidates is not None:
+            routes += [
+                (rpc.CANDIDATES_LIST, self._handler(rpc.CandidatesListRequest, self.candidates_list)),
+                (rpc.CANDIDATES_START, self._handler(rpc.CandidateStartRequest, self.candidate_start)),
             ]
         self._subs += await subscribe_all(self.nc, routes, rpc.QUEUE_GROUP)
 
@@ -387,3 +395,18 @@ class RpcServer:
         assert self.js is not None
         rows = await read_history(self.js, request.experiment_id, request.limit)
         return rpc.HistoryResponse(entries=[msgspec.convert(r, rpc.HistoryEntry) for r in rows])
+
+    # -- candidates (docs/optimizer.md#candidates) ---------------------------------------------
+
+    def _candidates(self) -> CandidateService:
+        assert self.candidates is not None
+        return self.candidates
+
+    async def candidates_list(self, request: rpc.CandidatesListRequest) -> rpc.CandidatesListResponse:
+        service = self._candidates()
+        return rpc.CandidatesListResponse(
+            candidates=await service.available(request.project), auto=service.auto
+        )
+
+    async def candidate_start(self, request: rpc.CandidateStartRequest) -> rpc.ExperimentResponse:
+        return await self._experiment_response(await self._candidates().start(request.id, request.actor))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated
@@ -71,6 +73,27 @@ class OptimizerSettings(CommonSettings, frozen=True, kw_only=True):
     business_timezone: str = "UTC"
     """IANA time zone of the business-hours window, e.g. `Europe/Berlin`."""
 
+    optimizer_auto: bool = False
+    """Auto mode (`FABRIK_OPTIMIZER_AUTO`): the optimizer starts low-risk candidates itself."""
+    candidate_eval_seconds: PositiveFloat = 600.0
+    """How often auto mode looks for candidates to start."""
+    candidate_min_runs: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 30
+    """Decided runs a group needs before a candidate is proposed from it."""
+    candidate_oom_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
+    """OOM rate at a memory limit from which more memory is proposed."""
+    candidate_memory_headroom: Annotated[float, msgspec.Meta(ge=1, le=4)] = 1.25
+    """Proposed memory limit: p95 of the observed peaks times this, rounded up."""
+
+    optimizer_spec_repository: str = ""
+    """`owner/repo` holding the specs: a winning `harness.<key>` experiment opens a pull request
+    there instead of changing the defaults (`FABRIK_OPTIMIZER_SPEC_REPOSITORY`)."""
+    optimizer_spec_path: str = "specs/{spec}.harness.json"
+    """The JSON file in that repository whose `harness` object holds a spec's harness settings;
+    `{spec}` is the experiment's target spec."""
+    optimizer_github_token_file: str = ""
+    """A file holding the GitHub token for those pull requests (contents and pull requests: write)."""
+    github_api_url: str = "https://api.github.com"
+
     def __post_init__(self) -> None:
         if parse_quantity(self.cost_workspace_size) is None:
             raise ValueError(
@@ -79,6 +102,47 @@ class OptimizerSettings(CommonSettings, frozen=True, kw_only=True):
             )
         # A bad URL or an unreadable password file stops the start with the variable named.
         self.analytics_postgres()
+        self.spec_pull_requests()
+
+    def spec_pull_requests(self) -> SpecRepository | None:
+        """Where winning harness experiments open pull requests, or None (they wait for an
+        approval). Raises a ValueError naming the variable when the configuration cannot work."""
+        repository = self.optimizer_spec_repository.strip()
+        if not repository:
+            return None
+        if not SPEC_REPOSITORY.match(repository):
+            raise ValueError(f"FABRIK_OPTIMIZER_SPEC_REPOSITORY={repository!r} must be owner/repo")
+        path = self.optimizer_spec_path.strip().lstrip("/")
+        if not path.endswith(".json"):
+            raise ValueError(
+                f"FABRIK_OPTIMIZER_SPEC_PATH={self.optimizer_spec_path!r} must name a .json file "
+                "(e.g. specs/{spec}.harness.json)"
+            )
+        try:
+            path.format(spec="x")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                f"FABRIK_OPTIMIZER_SPEC_PATH={self.optimizer_spec_path!r} "
+                "may only use the placeholder {spec}"
+            ) from None
+        if not self.github_api_url.startswith(("https://", "http://")):
+            raise ValueError(f"FABRIK_GITHUB_API_URL={self.github_api_url!r} must be an http(s) URL")
+        file = self.optimizer_github_token_file.strip()
+        if not file:
+            raise ValueError(
+                "FABRIK_OPTIMIZER_GITHUB_TOKEN_FILE is required with FABRIK_OPTIMIZER_SPEC_REPOSITORY"
+            )
+        try:
+            token = Path(file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"FABRIK_OPTIMIZER_GITHUB_TOKEN_FILE={file!r} cannot be read: {exc.strerror or exc}"
+            ) from None
+        if not token:
+            raise ValueError(f"FABRIK_OPTIMIZER_GITHUB_TOKEN_FILE={file!r} is empty")
+        return SpecRepository(
+            repository=repository, path=path, token=token, api_url=self.github_api_url.rstrip("/")
+        )
 
     def analytics_postgres(self) -> PostgresLocation | None:
         """Where the PostgreSQL store is (`FABRIK_ANALYTICS_DATABASE_URL`), or None for SQLite.
@@ -129,6 +193,17 @@ class OptimizerSettings(CommonSettings, frozen=True, kw_only=True):
         if self.hcloud_token_file:
             return Path(self.hcloud_token_file).expanduser().read_text().strip()
         return self.hcloud_token.strip()
+
+
+SPEC_REPOSITORY = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}$")
+
+
+@dataclass(frozen=True)
+class SpecRepository:
+    repository: str
+    path: str
+    token: str = field(repr=False)
+    api_url: str
 
 
 def check_database_url(url: str) -> None:

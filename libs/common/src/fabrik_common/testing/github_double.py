@@ -19,11 +19,19 @@ same code runs against it and against api.github.com:
   `description` at most 140 characters), issue comments (`POST`/`GET .../issues/{n}/comments`),
   reactions on issue comments (201 new, 200 existing), collaborator permissions, pull requests,
   commits by branch or sha;
+- repository contents, branches and pull requests as a client changes them: `GET /repos/{o}/{r}`,
+  `GET .../git/ref/heads/{branch}`, `POST .../git/refs` (422 `Reference already exists`, 422
+  `Object does not exist` for an unknown sha), `GET .../contents/{path}?ref=` (base64 content and
+  the blob sha; 404 for a missing file or ref), `PUT .../contents/{path}` (201 created, 200
+  updated; 422 when `sha` is missing for an existing file, 409 when it is not the file's sha, 404
+  for an unknown branch), `POST .../pulls` (201; 422 `Validation Failed` for an unknown head or
+  base, an open pull request of the same head, or no commits between them) and
+  `GET .../pulls?state=&head=owner:branch`;
 - every request needs a `User-Agent` (403 otherwise, as GitHub), an `X-GitHub-Api-Version` (when
   sent) GitHub knows (400 otherwise); bodies must be JSON objects (400 `Problems parsing JSON`);
   validation errors are 422 with `errors`; answers carry `x-ratelimit-*` headers.
 
-Test controls: `add_repo`, `add_commit`, `add_pull`, `add_issue`, `add_issue_comment`,
+Test controls: `add_repo`, `add_commit`, `add_file`, `file_at`, `add_pull`, `add_issue`, `add_issue_comment`,
 `set_permission`, `add_installation`, `add_token`, `fail(method, path_regex, status, ...)`
 (injected failures, e.g. 502 or a rate limit), `delay(method, path_regex, seconds)`,
 `expire_tokens()`, and the records `calls`, `check_runs` (each with its `history` of states),
@@ -34,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import hashlib
 import itertools
 import json
 import re
@@ -116,6 +126,10 @@ class Repo:
     issues: set[int] = field(default_factory=set)
     collaborators: dict[str, str] = field(default_factory=dict)
     """login -> role (admin, maintain, write, triage, read)"""
+    trees: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    """commit sha -> {path: content}: the files of each commit (none: an empty tree)"""
+    parents: dict[str, str] = field(default_factory=dict)
+    """commit sha -> its parent, for commits made through the contents API or `add_file`"""
 
     @property
     def full_name(self) -> str:
@@ -213,6 +227,13 @@ class GithubDouble(HttpDouble):
         r.add_post("/repos/{owner}/{repo}/issues/comments/{id}/reactions", self._react)
         r.add_post("/repos/{owner}/{repo}/issues/{number}/comments", self._create_comment)
         r.add_get("/repos/{owner}/{repo}/issues/{number}/comments", self._list_comments)
+        r.add_get("/repos/{owner}/{repo}", self._get_repo)
+        r.add_get("/repos/{owner}/{repo}/git/ref/{ref:.+}", self._get_ref)
+        r.add_post("/repos/{owner}/{repo}/git/refs", self._create_ref)
+        r.add_get("/repos/{owner}/{repo}/contents/{path:.+}", self._get_contents)
+        r.add_put("/repos/{owner}/{repo}/contents/{path:.+}", self._put_contents)
+        r.add_post("/repos/{owner}/{repo}/pulls", self._create_pull)
+        r.add_get("/repos/{owner}/{repo}/pulls", self._list_pulls)
         return app
 
     # ---- test controls ---------------------------------------------------------------------
@@ -244,6 +265,28 @@ class GithubDouble(HttpDouble):
         repo.commits.add(sha)
         if branch is not None:
             repo.branches[branch] = sha
+        return sha
+
+    def add_file(self, full_name: str, path: str, content: str | bytes, *, branch: str | None = None) -> str:
+        """A commit on `branch` (default: the default branch) that adds or replaces one file."""
+        repo = self.repo(full_name)
+        branch = branch or repo.default_branch
+        data = content.encode() if isinstance(content, str) else content
+        return self._commit_file(repo, branch, path, data)
+
+    def file_at(self, full_name: str, path: str, ref: str | None = None) -> bytes | None:
+        """A file's content at a branch or commit (default: the default branch), None if absent."""
+        repo = self.repo(full_name)
+        sha = self._resolve(repo, ref or repo.default_branch)
+        return None if sha is None else repo.trees.get(sha, {}).get(path)
+
+    def _commit_file(self, repo: Repo, branch: str, path: str, data: bytes) -> str:
+        parent = repo.branches[branch]
+        sha = new_sha()
+        repo.commits.add(sha)
+        repo.trees[sha] = {**repo.trees.get(parent, {}), path: data}
+        repo.parents[sha] = parent
+        repo.branches[branch] = sha
         return sha
 
     def add_issue(self, full_name: str, number: int) -> None:
@@ -839,6 +882,236 @@ class GithubDouble(HttpDouble):
         }
         self.reactions.append(reaction)
         return web.json_response(reaction, status=201)
+
+    # ---- contents, refs and pull requests --------------------------------------------------
+
+    async def _get_repo(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        self._token(request, repo)
+        return web.json_response(repo.json())
+
+    def _ref_json(self, repo: Repo, branch: str) -> Obj:
+        sha = repo.branches[branch]
+        return {
+            "ref": f"refs/heads/{branch}",
+            "node_id": f"REF_{sha[:10]}",
+            "url": f"{self.url}/repos/{repo.full_name}/git/refs/heads/{branch}",
+            "object": {
+                "sha": sha,
+                "type": "commit",
+                "url": f"{self.url}/repos/{repo.full_name}/git/commits/{sha}",
+            },
+        }
+
+    async def _get_ref(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        self._token(request, repo)
+        ref = request.match_info["ref"]
+        branch = ref.removeprefix("heads/")
+        if not ref.startswith("heads/") or branch not in repo.branches:
+            raise GithubError(404, "Not Found")
+        return web.json_response(self._ref_json(repo, branch))
+
+    async def _create_ref(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        self._token(request, repo)
+        body: Obj = request[PAYLOAD] or {}
+        ref, sha = body.get("ref"), body.get("sha")
+        if not isinstance(ref, str) or not ref:
+            raise GithubError(422, 'Invalid request.\n\n"ref" wasn\'t supplied.')
+        if not isinstance(sha, str) or not sha:
+            raise GithubError(422, 'Invalid request.\n\n"sha" wasn\'t supplied.')
+        if not ref.startswith("refs/") or ref.count("/") < 2:
+            raise GithubError(422, "Reference name must start with 'refs/' and have at least two slashes.")
+        if not ref.startswith("refs/heads/"):
+            raise GithubError(422, "Only branches (refs/heads/...) are supported by this double")
+        branch = ref.removeprefix("refs/heads/")
+        if branch in repo.branches:
+            raise GithubError(422, "Reference already exists")
+        if sha not in repo.commits:
+            raise GithubError(422, "Object does not exist")
+        repo.branches[branch] = sha
+        return web.json_response(self._ref_json(repo, branch), status=201)
+
+    def _content_json(self, repo: Repo, path: str, data: bytes, ref: str) -> Obj:
+        sha = blob_sha(data)
+        api = f"{self.url}/repos/{repo.full_name}/contents/{path}?ref={ref}"
+        html = f"https://github.com/{repo.full_name}/blob/{ref}/{path}"
+        encoded = base64.b64encode(data).decode()
+        return {
+            "type": "file",
+            "encoding": "base64",
+            "size": len(data),
+            "name": path.rsplit("/", 1)[-1],
+            "path": path,
+            # GitHub wraps the base64 text at 60 characters
+            "content": "\n".join(encoded[i : i + 60] for i in range(0, len(encoded), 60)) + "\n",
+            "sha": sha,
+            "url": api,
+            "git_url": f"{self.url}/repos/{repo.full_name}/git/blobs/{sha}",
+            "html_url": html,
+            "download_url": f"https://raw.githubusercontent.com/{repo.full_name}/{ref}/{path}",
+            "_links": {
+                "self": api,
+                "git": f"{self.url}/repos/{repo.full_name}/git/blobs/{sha}",
+                "html": html,
+            },
+        }
+
+    async def _get_contents(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        self._token(request, repo)
+        path = request.match_info["path"]
+        ref = request.query.get("ref") or repo.default_branch
+        sha = self._resolve(repo, ref)
+        if sha is None:
+            raise GithubError(404, f"No commit found for the ref {ref}")
+        data = repo.trees.get(sha, {}).get(path)
+        if data is None:
+            raise GithubError(404, "Not Found")
+        return web.json_response(self._content_json(repo, path, data, ref))
+
+    async def _put_contents(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        self._token(request, repo)
+        path = request.match_info["path"]
+        body: Obj = request[PAYLOAD] or {}
+        message, content = body.get("message"), body.get("content")
+        if not isinstance(message, str) or not message:
+            raise GithubError(422, 'Invalid request.\n\n"message" wasn\'t supplied.')
+        if not isinstance(content, str):
+            raise GithubError(422, 'Invalid request.\n\n"content" wasn\'t supplied.')
+        try:
+            data = base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError):
+            raise GithubError(422, "content is not valid Base64") from None
+        branch = body.get("branch") or repo.default_branch
+        if not isinstance(branch, str) or branch not in repo.branches:
+            raise GithubError(404, f"Branch {branch} not found")
+        existing = repo.trees.get(repo.branches[branch], {}).get(path)
+        given = body.get("sha")
+        if existing is not None:
+            if not given:
+                raise GithubError(422, 'Invalid request.\n\n"sha" wasn\'t supplied.')
+            if given != blob_sha(existing):
+                raise GithubError(409, f"{path} does not match {given}")
+        elif given:
+            raise GithubError(409, f"{path} does not match {given}")
+        commit = self._commit_file(repo, branch, path, data)
+        answer = {
+            "content": self._content_json(repo, path, data, branch),
+            "commit": {
+                "sha": commit,
+                "node_id": f"C_{commit[:10]}",
+                "url": f"{self.url}/repos/{repo.full_name}/git/commits/{commit}",
+                "html_url": f"https://github.com/{repo.full_name}/commit/{commit}",
+                "message": message,
+                "parents": [{"sha": repo.parents[commit]}],
+            },
+        }
+        return web.json_response(answer, status=200 if existing is not None else 201)
+
+    def _head_branch(self, repo: Repo, head: str) -> str | None:
+        """`branch` or `owner:branch` of this repository (forks are not served here)."""
+        owner, sep, branch = head.partition(":")
+        if sep and owner.lower() != repo.owner.lower():
+            return None
+        name = branch if sep else head
+        return name if name in repo.branches else None
+
+    async def _create_pull(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        token = self._token(request, repo)
+        body: Obj = request[PAYLOAD] or {}
+        title, head, base = body.get("title"), body.get("head"), body.get("base")
+        if not isinstance(title, str) or not title:
+            raise GithubError(422, 'Invalid request.\n\n"title" wasn\'t supplied.')
+        if not isinstance(head, str) or not isinstance(base, str):
+            raise GithubError(422, 'Invalid request.\n\n"head", "base" weren\'t supplied.')
+        branch = self._head_branch(repo, head)
+        errors: list[Obj] = []
+        if branch is None:
+            errors.append({"resource": "PullRequest", "field": "head", "code": "invalid"})
+        if base not in repo.branches:
+            errors.append({"resource": "PullRequest", "field": "base", "code": "invalid"})
+        if errors:
+            raise GithubError(422, "Validation Failed", errors=errors)
+        assert branch is not None
+        for pull in repo.pulls.values():
+            if pull["state"] == "open" and pull["head"]["ref"] == branch and pull["base"]["ref"] == base:
+                raise GithubError(
+                    422,
+                    "Validation Failed",
+                    errors=[
+                        {
+                            "resource": "PullRequest",
+                            "code": "custom",
+                            "message": f"A pull request already exists for {repo.owner}:{branch}.",
+                        }
+                    ],
+                )
+        head_sha, base_sha = repo.branches[branch], repo.branches[base]
+        if self._ancestry(repo, head_sha) <= self._ancestry(repo, base_sha):
+            raise GithubError(
+                422,
+                "Validation Failed",
+                errors=[
+                    {
+                        "resource": "PullRequest",
+                        "code": "custom",
+                        "message": f"No commits between {base} and {branch}",
+                    }
+                ],
+            )
+        number = max([0, *repo.issues, *repo.pulls]) + 1
+        repo.issues.add(number)
+        user = (
+            self._bot() if token.kind == "installation" else {"login": token.login, "id": 1, "type": "User"}
+        )
+        pull = {
+            "url": f"{self.url}/repos/{repo.full_name}/pulls/{number}",
+            "id": next(self._ids),
+            "number": number,
+            "state": "open",
+            "title": title,
+            "body": body.get("body"),
+            "draft": bool(body.get("draft", False)),
+            "user": user,
+            "html_url": f"https://github.com/{repo.full_name}/pull/{number}",
+            "head": {"label": f"{repo.owner}:{branch}", "ref": branch, "sha": head_sha, "repo": repo.json()},
+            "base": {"label": f"{repo.owner}:{base}", "ref": base, "sha": base_sha, "repo": repo.json()},
+            "created_at": now_iso(),
+            "updated_at": now_iso(),
+        }
+        repo.pulls[number] = pull
+        return web.json_response(pull, status=201)
+
+    def _ancestry(self, repo: Repo, sha: str) -> set[str]:
+        """`sha` and the commits before it (as far as the double knows its parents)."""
+        found = {sha}
+        while sha in repo.parents:
+            sha = repo.parents[sha]
+            found.add(sha)
+        return found
+
+    async def _list_pulls(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        self._token(request, repo)
+        state = request.query.get("state", "open")
+        if state not in ("open", "closed", "all"):
+            raise _invalid("PullRequest", "state")
+        head = request.query.get("head")
+        found = [
+            p
+            for p in sorted(repo.pulls.values(), key=lambda p: -int(p["number"]))
+            if (state == "all" or p["state"] == state) and (head is None or p["head"]["label"] == head)
+        ]
+        return web.json_response(found)
+
+
+def blob_sha(data: bytes) -> str:
+    """Git's blob id of `data` (what the contents API calls a file's `sha`)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
 
 
 def _int(text: str) -> int:

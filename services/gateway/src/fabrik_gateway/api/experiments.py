@@ -6,11 +6,14 @@ Roles: reading needs a viewer (experiments of projects the caller does not see a
 experiments without a target project need a caller who sees every project); creating, pausing,
 resuming and stopping an experiment needs a maintainer in its target project (an admin for an
 experiment on every project); approving and rolling back need a maintainer of its project (of
-every project for an experiment without one); the global pause needs an admin.
+every project for an experiment without one); the global pause needs an admin. Candidates (the
+experiments the optimizer proposes from its insights) are read by viewers of their project and
+started under the rules of creating an experiment, as the caller.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -21,6 +24,7 @@ from litestar.params import FromPath, JSONBody, Parameter, QueryParameter
 
 from fabrik_common import experiments as ex
 from fabrik_common import optimizer_rpc as rpc
+from fabrik_common.ids import DNS1123_LABEL, DNS1123_RULE
 from fabrik_gateway.api.analytics import OPTIMIZER
 from fabrik_gateway.api.params import QueryErrors, int_param
 from fabrik_gateway.api.runs import BAD_QUERY, problem_spec
@@ -34,6 +38,8 @@ from fabrik_gateway.problems import ProblemError, invalid
 R = TypeVar("R")
 STATES = ("draft", "pending_approval", "active", "paused", "shipped", "rolled_back", "stopped", "invalid")
 NOT_FOUND = {404: problem_spec("No such experiment (or not visible to the caller)")}
+CANDIDATE_NOT_FOUND = {404: problem_spec("No such candidate (unknown, already tried, or not visible)")}
+CANDIDATE_ID = re.compile(r"^[0-9a-f]{20}$")
 CONFLICT = {409: problem_spec("The experiment is not in a state that allows this, or too many are active")}
 
 
@@ -69,7 +75,11 @@ def _timeout(gateway: Gateway) -> float:
 
 
 def _sees(principal: Principal, experiment: ex.Experiment) -> bool:
-    project = experiment.target.project
+    return _sees_target(principal, experiment.target)
+
+
+def _sees_target(principal: Principal, target: ex.Target) -> bool:
+    project = target.project
     if principal.visible_projects is None:
         return True
     return project is not None and project in principal.visible_projects
@@ -187,6 +197,93 @@ class ExperimentsController(Controller):
             raise ProblemError(404, f"no experiment {experiment_id}", slug="not-found", title="Not found")
         project = answer.experiment.target.project
         require_role(principal, "viewer", "read experiments", project)
+        return answer
+
+    @get(
+        "/experiments/candidates",
+        summary="Candidate experiments",
+        description=(
+            "Experiments the optimizer proposes from its insights (more memory where runs are OOM-killed, "
+            "a model whose success rate is clearly higher), each with the numbers behind it, its sample "
+            "size and its risk. Candidates with an unfinished experiment on the same target and parameter, "
+            "or whose value was already tried, are left out. `auto`: low-risk candidates are started by the "
+            "optimizer itself."
+        ),
+        responses={**BAD_QUERY, **OPTIMIZER},
+    )
+    async def list_candidates(
+        self,
+        gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
+        project: Annotated[
+            str | None, Parameter(description="Only candidates targeting this project")
+        ] = None,
+    ) -> rpc.CandidatesListResponse:
+        errors = QueryErrors()
+        if project is not None and not DNS1123_LABEL.match(project):
+            errors.add("project", DNS1123_RULE)
+        errors.raise_if_any()
+        _require_viewer(principal, "read candidate experiments")
+        answer = await gateway_ask(
+            gateway,
+            rpc.CANDIDATES_LIST,
+            rpc.CandidatesListRequest(project=project),
+            rpc.CandidatesListResponse,
+        )
+        return msgspec.structs.replace(
+            answer, candidates=[c for c in answer.candidates if _sees_target(principal, c.target)]
+        )
+
+    @post(
+        "/experiments/candidates/{candidate_id:str}/start",
+        status_code=201,
+        summary="Start a candidate experiment",
+        description=(
+            "Creates the candidate's experiment as the caller, under the rules of `POST /experiments` (a "
+            "maintainer in its target project): it starts at once when its risk is low, else it waits for "
+            "a maintainer's approval. 404 when the candidate is unknown or no longer proposed."
+        ),
+        opt={"audit_action": "experiment.create"},
+        responses={**CANDIDATE_NOT_FOUND, **CONFLICT, **OPTIMIZER},
+    )
+    async def start_candidate(
+        self,
+        request: Request[Any, Any, Any],
+        gateway: NamedDependency[Gateway],
+        principal: NamedDependency[Principal],
+        candidate_id: FromPath[str],
+    ) -> rpc.ExperimentResponse:
+        request.state[TARGET_KEY] = f"candidate:{candidate_id}"
+        missing = ProblemError(
+            404,
+            f"no candidate {candidate_id}",
+            slug="not-found",
+            title="Not found",
+            errors=[("id", "unknown")],
+        )
+        if not CANDIDATE_ID.match(candidate_id):
+            raise missing
+        listed = await gateway_ask(
+            gateway, rpc.CANDIDATES_LIST, rpc.CandidatesListRequest(), rpc.CandidatesListResponse
+        )
+        candidate = next((c for c in listed.candidates if c.id == candidate_id), None)
+        if candidate is None or not _sees_target(principal, candidate.target):
+            raise missing
+        request.state[PROJECT_KEY] = candidate.target.project
+        request.state[DETAILS_KEY] = {
+            "name": candidate.name,
+            "parameter": candidate.parameter,
+            "risk": candidate.risk,
+            "candidate": candidate.id,
+        }
+        _manage(principal, candidate.target.project, "create")
+        answer = await gateway_ask(
+            gateway,
+            rpc.CANDIDATES_START,
+            rpc.CandidateStartRequest(id=candidate.id, actor=principal.subject),
+            rpc.ExperimentResponse,
+        )
+        request.state[TARGET_KEY] = f"experiment:{answer.experiment.id}"
         return answer
 
     @get(

@@ -160,6 +160,9 @@ class Experiments:
         # it learns every later key from its own puts. Listing keys costs a consumer on the bucket's
         # stream each time, too many for a loop that evaluates every minute (every tick in tests).
         self._experiment_keys: set[str] | None = None
+        # Set by the app when a spec repository is configured: a winner whose change belongs in a
+        # spec is proposed there (the pull request's URL) instead of changing the defaults.
+        self.propose_change: Callable[[ex.Experiment], Awaitable[str | None]] | None = None
 
     # -- storage ------------------------------------------------------------------------------
 
@@ -530,6 +533,10 @@ class Experiments:
             return await self._end(experiment, state, "optimizer", reasons, numbers, decision)
         if decision == "SHIP":
             experiment = msgspec.structs.replace(experiment, winner=winner)
+            if self.propose_change is not None:
+                proposed = await self._propose(msgspec.structs.replace(experiment, reasons=reasons))
+                if proposed is not None:
+                    return proposed
             if experiment.risk == "low":
                 return await self._rollout(experiment, "optimizer")
             experiment = await self._put(
@@ -554,6 +561,38 @@ class Experiments:
             reasons or ["no winner within max duration"],
             numbers,
             decision,
+        )
+
+    async def _propose(self, experiment: ex.Experiment) -> ex.Experiment | None:
+        """End a winner as shipped through a pull request (defaults untouched), when the hook
+        opened one."""
+        assert self.propose_change is not None
+        try:
+            url = await self.propose_change(experiment)
+        except Exception as exc:  # noqa: BLE001 - any failure: the change waits for a person
+            log.warning("proposing the change failed", extra={"id": experiment.id, "error": str(exc)})
+            why = f"{experiment.winner} won; the pull request could not be opened ({exc})"
+            experiment = await self._put(
+                msgspec.structs.replace(
+                    experiment,
+                    state="pending_approval",
+                    reasons=[*experiment.reasons, f"{why}; a maintainer's approval rolls it out"],
+                )
+            )
+            await self._changed(experiment, "pending_approval", "optimizer", why, experiment.numbers)
+            return experiment
+        if url is None:
+            return None
+        numbers = {**experiment.numbers, "pull_request": url}
+        arm = experiment.arm(experiment.winner or "")
+        change = arm.overrides if arm is not None else {}
+        return await self._end(
+            msgspec.structs.replace(experiment, numbers=numbers),
+            "shipped",
+            "optimizer",
+            [f"{experiment.winner} won; pull request {url} proposes {change} (defaults unchanged)"],
+            numbers,
+            "SHIP",
         )
 
 

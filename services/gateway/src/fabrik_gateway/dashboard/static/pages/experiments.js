@@ -6,6 +6,7 @@ import { age, append, clear, confirmDialog, emptyRow, errorBox, fmtDuration, fmt
 
 const LIST_ROUTE = "/api/v1/experiments";
 const HISTORY_ROUTE = "/api/v1/optimizer/history";
+const CANDIDATES_ROUTE = "/api/v1/experiments/candidates";
 const STATE_LEVEL = {
   active: "level-ok",
   shipped: "level-ok",
@@ -172,6 +173,56 @@ function listPage(root, app) {
     return tr;
   }
 
+  async function startCandidate(c) {
+    const ok = await confirmDialog("Start candidate", `${c.name}: ${c.summary}`, "Start");
+    if (!ok) return;
+    try {
+      const answer = await api(`experiments/candidates/${c.id}/start`, { method: "POST" });
+      toast(answer.experiment.state === "active" ? "Experiment started." : "Experiment created; it waits for an approval.");
+      app.navigate(`/experiments/${answer.experiment.id}`);
+    } catch (err) {
+      toast(`Start failed: ${err.message}`, "error");
+      load();
+    }
+  }
+
+  /** The optimizer's proposals, with a Start button for whoever may create them (nothing when the API has none). */
+  async function candidatesSection() {
+    if (!(await hasRoute(CANDIDATES_ROUTE))) return null;
+    let answer;
+    try {
+      answer = await api("experiments/candidates");
+    } catch {
+      return null;
+    }
+    const candidates = answer.candidates || [];
+    if (!candidates.length) return null;
+    const rows = candidates.map((c) => {
+      const project = (c.target || {}).project;
+      const may = project ? holds(app.me, "maintainer", project) : holds(app.me, "admin");
+      const start = h("button", { type: "button", title: `Start ${c.id}` }, "Start");
+      start.addEventListener("click", () => startCandidate(c));
+      return h(
+        "tr",
+        { dataset: { candidateId: c.id } },
+        h("td", h("strong", c.name), h("div.muted.mono", c.id)),
+        h("td", targetText(c.target)),
+        h("td.mono", c.parameter),
+        h("td", c.risk),
+        h("td", c.summary, h("div.muted", `${num(c.sample_size)} runs`)),
+        h("td", may ? start : h("span.muted", "needs a maintainer")),
+      );
+    });
+    return [
+      h("h2", "Candidates"),
+      h("p.help", answer.auto ? "Auto mode is on: low-risk candidates start by themselves." : "Proposed from the insights; a maintainer of the project starts one."),
+      h(
+        "div.table-wrap",
+        h("table.candidates", h("thead", h("tr", ["Candidate", "Target", "Parameter", "Risk", "Why", ""].map((t) => h("th", { scope: "col" }, t)))), h("tbody", rows)),
+      ),
+    ];
+  }
+
   async function load() {
     try {
       if (!(await hasRoute(LIST_ROUTE))) {
@@ -182,6 +233,7 @@ function listPage(root, app) {
         return;
       }
       const answer = await api("experiments");
+      const proposed = await candidatesSection();
       if (stopped) return;
       // A refresh keeps the keyboard focus on the row it was on.
       const focused = document.activeElement && document.activeElement.closest ? document.activeElement.closest("tr[data-experiment-id]") : null;
@@ -206,6 +258,7 @@ function listPage(root, app) {
           ),
         ),
         experiments.length ? h("p.help", "Runs: each arm's sample at the latest decision. Estimate: treatment − control success rate, with the bounds of its confidence sequence, from the latest decision.") : null,
+        proposed,
       ]);
       if (focusedId) {
         const again = body.querySelector(`tr[data-experiment-id="${CSS.escape(focusedId)}"] a`);
