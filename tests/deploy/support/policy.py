@@ -4,7 +4,9 @@
 The rules are those of docs/deployment.md: no privileged or host-level pods, images pinned by tag
 or digest (never `latest`), requests and limits on every container, non-root with a read-only
 root filesystem, selectors (NetworkPolicy, Service, PodDisruptionBudget, ServiceMonitor) that
-select what exists, and the executor's RBAC confined to the runs namespace.
+select what exists, the executor's RBAC confined to the runs namespace, and the backup service's
+to reading workspace PVCs and managing their VolumeSnapshots there, plus reading storage classes
+and snapshot classes cluster-wide (the only cluster-wide grant).
 """
 
 from __future__ import annotations
@@ -51,6 +53,21 @@ class ExecutorRbac:
             ("", "persistentvolumeclaims"): frozenset({"create", "get", "list", "patch", "delete"}),
             ("", "secrets"): frozenset({"create", "get", "list", "update", "patch", "delete"}),
             ("", "events"): frozenset({"list"}),
+        }
+    )
+    backup_account: str = "fabrik-backup"
+    # (API group, resource) -> verbs the backup service may have in the runs namespace
+    backup_runs_allowed: Mapping[tuple[str, str], frozenset[str]] = field(
+        default_factory=lambda: {
+            ("", "persistentvolumeclaims"): frozenset({"get", "list"}),
+            ("snapshot.storage.k8s.io", "volumesnapshots"): frozenset({"create", "get", "list", "delete"}),
+        }
+    )
+    # (API group, resource) -> verbs the backup service may have cluster-wide (read-only)
+    cluster_read_allowed: Mapping[tuple[str, str], frozenset[str]] = field(
+        default_factory=lambda: {
+            ("storage.k8s.io", "storageclasses"): frozenset({"get", "list"}),
+            ("snapshot.storage.k8s.io", "volumesnapshotclasses"): frozenset({"get", "list"}),
         }
     )
 
@@ -272,8 +289,11 @@ def _selector_violations(manifests: Sequence[Manifest], pods: Sequence[Pod]) -> 
     return out
 
 
-def _rules_violations(
-    where: str, rules: Sequence[Mapping[str, Any]], rbac: ExecutorRbac, ns: str
+def _rule_violations_against(
+    where: str,
+    rules: Sequence[Mapping[str, Any]],
+    allowed: Mapping[tuple[str, str], frozenset[str]],
+    scope: str,
 ) -> list[str]:
     out: list[str] = []
     for rule in rules:
@@ -287,13 +307,27 @@ def _rules_violations(
             out.append(f"{where}: nonResourceURLs {rule['nonResourceURLs']}")
         for group in groups:
             for resource in resources:
-                if ns == rbac.runs_namespace:
-                    allowed = rbac.runs_allowed.get((group, resource))
-                    if allowed is None:
-                        out.append(f"{where}: {group or 'core'}/{resource} is not allowed in {ns}")
-                    elif verbs - allowed:
-                        out.append(f"{where}: verbs {sorted(verbs - allowed)} on {resource} are not allowed")
-                elif not (
+                verbs_allowed = allowed.get((group, resource))
+                if verbs_allowed is None:
+                    out.append(f"{where}: {group or 'core'}/{resource} is not allowed {scope}")
+                elif verbs - verbs_allowed:
+                    out.append(
+                        f"{where}: verbs {sorted(verbs - verbs_allowed)} on {resource} are not allowed"
+                    )
+    return out
+
+
+def _rules_violations(
+    where: str, rules: Sequence[Mapping[str, Any]], rbac: ExecutorRbac, ns: str
+) -> list[str]:
+    if ns == rbac.runs_namespace:
+        return _rule_violations_against(where, rules, rbac.runs_allowed, f"in {ns}")
+    out: list[str] = []
+    for rule in rules:
+        verbs = set(rule.get("verbs") or [])
+        for group in rule.get("apiGroups") or []:
+            for resource in rule.get("resources") or []:
+                if not (
                     group == "" and resource == "secrets" and verbs <= {"get"} and rule.get("resourceNames")
                 ):
                     out.append(
@@ -303,29 +337,62 @@ def _rules_violations(
     return out
 
 
-def _rbac_violations(manifests: Sequence[Manifest], rbac: ExecutorRbac) -> list[str]:
+def _is_account(subject: Mapping[str, Any], name: str, rbac: ExecutorRbac) -> bool:
+    return (
+        subject.get("kind") == "ServiceAccount"
+        and subject.get("name") == name
+        and subject.get("namespace") == rbac.system_namespace
+    )
+
+
+def _cluster_violations(manifests: Sequence[Manifest], rbac: ExecutorRbac) -> list[str]:
+    """Cluster-wide, only the backup service reads storage classes and snapshot classes."""
     out: list[str] = []
+    cluster_roles = {m["metadata"]["name"]: m for m in manifests if m.get("kind") == "ClusterRole"}
+    for role in cluster_roles.values():
+        if role.get("aggregationRule"):
+            out.append(f"{name_of(role)}: Fabrik grants nothing cluster-wide by aggregation")
+        found = _rule_violations_against(
+            name_of(role), role.get("rules") or [], rbac.cluster_read_allowed, "cluster-wide"
+        )
+        out += [f"{line} (Fabrik grants nothing cluster-wide but reading storage classes)" for line in found]
+    for m in manifests:
+        if m.get("kind") != "ClusterRoleBinding":
+            continue
+        ref = m.get("roleRef") or {}
+        if ref.get("kind") != "ClusterRole" or ref.get("name") not in cluster_roles:
+            out.append(
+                f"{name_of(m)}: binds {ref}, not a ClusterRole of the manifests (nothing cluster-wide)"
+            )
+        for subject in m.get("subjects") or []:
+            if not _is_account(subject, rbac.backup_account, rbac):
+                out.append(
+                    f"{name_of(m)}: binds {subject} cluster-wide; Fabrik grants nothing cluster-wide "
+                    "but the backup service's reads"
+                )
+    return out
+
+
+def _rbac_violations(manifests: Sequence[Manifest], rbac: ExecutorRbac) -> list[str]:
+    out: list[str] = _cluster_violations(manifests, rbac)
     roles = {
         (m["metadata"].get("namespace", ""), m["metadata"]["name"]): m
         for m in manifests
         if m.get("kind") == "Role"
     }
     for m in manifests:
-        kind = m.get("kind")
-        if kind in ("ClusterRole", "ClusterRoleBinding"):
-            out.append(f"{name_of(m)}: Fabrik grants nothing cluster-wide")
-        if kind != "RoleBinding":
+        if m.get("kind") != "RoleBinding":
             continue
         ns = m["metadata"].get("namespace", "")
         ref = m.get("roleRef") or {}
         for subject in m.get("subjects") or []:
-            is_executor = (
-                subject.get("kind") == "ServiceAccount"
-                and subject.get("name") == rbac.service_account
-                and subject.get("namespace") == rbac.system_namespace
-            )
-            if not is_executor:
-                out.append(f"{name_of(m)}: binds {subject}; only the executor has Kubernetes permissions")
+            is_executor = _is_account(subject, rbac.service_account, rbac)
+            is_backup = _is_account(subject, rbac.backup_account, rbac)
+            if not (is_executor or is_backup):
+                out.append(
+                    f"{name_of(m)}: binds {subject}; only the executor has Kubernetes permissions "
+                    "(and the backup service, for volume snapshots)"
+                )
                 continue
             if ref.get("kind") != "Role":
                 out.append(f"{name_of(m)}: binds a {ref.get('kind')}, not a Role")
@@ -334,7 +401,16 @@ def _rbac_violations(manifests: Sequence[Manifest], rbac: ExecutorRbac) -> list[
             if role is None:
                 out.append(f"{name_of(m)}: Role {ref.get('name')} is not in the manifests")
                 continue
-            out += _rules_violations(name_of(role), role.get("rules") or [], rbac, ns)
+            if is_executor:
+                out += _rules_violations(name_of(role), role.get("rules") or [], rbac, ns)
+            elif ns != rbac.runs_namespace:
+                out.append(
+                    f"{name_of(role)}: the backup service has no permissions outside {rbac.runs_namespace}"
+                )
+            else:
+                out += _rule_violations_against(
+                    name_of(role), role.get("rules") or [], rbac.backup_runs_allowed, f"in {ns} for backup"
+                )
     return out
 
 

@@ -76,11 +76,54 @@ def _when(value: Any, now: datetime) -> str:
     return format_time(value, now) if value else NONE
 
 
+VOLUME_STATES: Final = ("ready", "failed", "timed_out", "skipped")
+
+
+def volumes_text(value: Any) -> str:
+    """A backup's volume snapshots in a few words: `2 ready, 1 skipped`, `not on Kubernetes`."""
+    if not isinstance(value, Mapping):
+        return NONE
+    status = value.get("status")
+    if status != "taken":
+        return text(value.get("message")) if value.get("message") else text(status)
+    volumes = [v for v in value.get("volumes") or [] if isinstance(v, Mapping)]
+    if not volumes:
+        return "no workspaces"
+    counts = [(state, sum(1 for v in volumes if v.get("state") == state)) for state in VOLUME_STATES]
+    return ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in counts if n)
+
+
+def volumes_table(value: Any) -> str:
+    """One row per workspace PVC: its snapshot, class, state, size and reason."""
+    if not isinstance(value, Mapping):
+        return ""
+    volumes = [v for v in value.get("volumes") or [] if isinstance(v, Mapping)]
+    if not volumes:
+        return ""
+    rows = [
+        [
+            text(v.get("pvc")),
+            text(v.get("snapshot")) if v.get("snapshot") else NONE,
+            text(v.get("snapshot_class")) if v.get("snapshot_class") else NONE,
+            text(v.get("state")),
+            text(v.get("restore_size")) if v.get("restore_size") else NONE,
+            text(v.get("reason")) if v.get("reason") else NONE,
+        ]
+        for v in volumes
+    ]
+    columns = ("PVC", "SNAPSHOT", "CLASS", "STATE", "SIZE", "REASON")
+    return f"volume snapshots in namespace {text(value.get('namespace'))}\n" + render_table(columns, rows)
+
+
 def backups_table(data: Any) -> str:
     now = datetime.now(UTC)
     found: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
     items = [b for b in found.get("backups") or [] if isinstance(b, Mapping)]
     head = f"target {text(found.get('target'))}"
+    latest = [b.get("volume_snapshots") for b in items if isinstance(b.get("volume_snapshots"), Mapping)]
+    if latest:
+        # said once for the newest backup: on a laptop every backup would say the same
+        head += f"\nvolume snapshots: {volumes_text(latest[-1])}"
     if not items:
         return f"{head}\n\nno backups"
     rows = [
@@ -93,11 +136,18 @@ def backups_table(data: Any) -> str:
             _size(b.get("data_bytes")),
             _size(b.get("stored_bytes")),
             _when(b.get("verified_at"), now) if b.get("verified_at") else "never",
+            _volumes_cell(b.get("volume_snapshots")),
         ]
         for b in items
     ]
-    columns = ("BACKUP", "STATE", "CAPTURED", "STREAMS", "MESSAGES", "DATA", "STORED", "VERIFIED")
+    columns = ("BACKUP", "STATE", "CAPTURED", "STREAMS", "MESSAGES", "DATA", "STORED", "VERIFIED", "VOLUMES")
     return f"{head}\n\n" + render_table(columns, rows)
+
+
+def _volumes_cell(value: Any) -> str:
+    if isinstance(value, Mapping) and value.get("status") in ("off", "unavailable"):
+        return NONE  # the head line says why
+    return volumes_text(value)
 
 
 def operations_table(data: Any) -> str:
@@ -175,11 +225,14 @@ def backup_detail(data: Any) -> str:
         ("parts", format_count(b.get("parts")) if b.get("parts") is not None else NONE),
         ("verified", _when(b.get("verified_at"), now) if b.get("verified_at") else "never"),
     ]
+    if b.get("complete"):
+        pairs.append(("volume snapshots", volumes_text(b.get("volume_snapshots"))))
     if b.get("message"):
         pairs.append(("message", text(b.get("message"))))
     history = b.get("history")
-    table = operations_table({"operations": history}) if isinstance(history, list) and history else ""
-    return render_fields(pairs) + (f"\n\n{table}" if table else "")
+    tables = [volumes_table(b.get("volume_snapshots"))]
+    tables.append(operations_table({"operations": history}) if isinstance(history, list) and history else "")
+    return render_fields(pairs) + "".join(f"\n\n{t}" for t in tables if t)
 
 
 def schedule_summary(data: Any) -> str:
@@ -216,7 +269,11 @@ def prune_summary(data: Any) -> str:
 
 def deleted_summary(data: Any) -> str:
     d: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
-    return f"deleted backup {d.get('backup_id')} ({format_count(d.get('parts_deleted'))} part(s))"
+    line = f"deleted backup {d.get('backup_id')} ({format_count(d.get('parts_deleted'))} part(s))"
+    snapshots = d.get("snapshots_deleted")
+    if isinstance(snapshots, list) and snapshots:
+        line += f" and {len(snapshots)} volume snapshot(s): {', '.join(str(s) for s in snapshots)}"
+    return line
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +419,8 @@ def backup_create(
 @output_option
 @_json_option
 def backup_list(api: str | None, output: str, as_json: bool) -> None:
-    """Backups on the target: capture time, sizes, last verification; incomplete ones with their state."""
+    """Backups on the target: capture time, sizes, last verification, the run workspaces' volume
+    snapshots; incomplete ones with their state."""
     with open_client(api) as client:
         data = client.list_backups()
     emit(data, _format(output, as_json), backups_table)
@@ -374,7 +432,7 @@ def backup_list(api: str | None, output: str, as_json: bool) -> None:
 @output_option
 @_json_option
 def backup_show(backup_id: str, api: str | None, output: str, as_json: bool) -> None:
-    """One backup and the latest operations on it."""
+    """One backup, its run workspaces' volume snapshots, and the latest operations on it."""
     with open_client(api) as client:
         data = client.get_backup(backup_id)
     emit(data, _format(output, as_json), backup_detail)

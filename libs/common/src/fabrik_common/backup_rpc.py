@@ -10,7 +10,7 @@ comes at once with the operation in state `requested`; its progress is in `get`/
 from __future__ import annotations
 
 import re
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -120,6 +120,36 @@ class ListRequest(_Struct, frozen=True, kw_only=True):
     """How many of the latest operations to include."""
 
 
+VolumeSnapshotState = Literal["ready", "failed", "skipped", "timed_out"]
+VolumeSnapshotsStatus = Literal["taken", "off", "unavailable", "error"]
+
+
+class VolumeSnapshotResult(_Struct, frozen=True, kw_only=True):
+    """One run workspace PVC (`data-fabrik-<run>`) and its CSI VolumeSnapshot for a backup."""
+
+    pvc: str
+    snapshot: str = ""
+    """The VolumeSnapshot's name in the runs namespace; empty when none was created (skipped)."""
+    snapshot_class: str = ""
+    storage_class: str = ""
+    state: VolumeSnapshotState
+    reason: str = ""
+    """Why it was skipped, failed or timed out."""
+    restore_size: str = ""
+    """The snapshot's `status.restoreSize` (a quantity such as `10Gi`) once known."""
+
+
+class VolumeSnapshots(_Struct, frozen=True, kw_only=True):
+    """The volume snapshots taken with a backup. `status`: `taken` (see each volume's state),
+    `off` (disabled by `FABRIK_BACKUP_VOLUME_SNAPSHOTS=off`), `unavailable` (not on Kubernetes),
+    `error` (the Kubernetes API could not be used: `message` says why)."""
+
+    status: VolumeSnapshotsStatus
+    message: str = ""
+    namespace: str = ""
+    volumes: list[VolumeSnapshotResult] = msgspec.field(default_factory=list)
+
+
 class BackupSummary(_Struct, frozen=True, kw_only=True):
     backup_id: str
     created_at: UtcDatetime
@@ -130,6 +160,8 @@ class BackupSummary(_Struct, frozen=True, kw_only=True):
     stored_bytes: int
     parts: int
     verified_at: UtcDatetime | None = None
+    volume_snapshots: VolumeSnapshots | None = None
+    """None: the backup predates volume snapshots."""
 
 
 class ListResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="backups"):
@@ -146,6 +178,8 @@ class DeleteRequest(_Struct, frozen=True, kw_only=True):
 class DeleteResponse(_Struct, frozen=True, kw_only=True, tag_field="kind", tag="deleted"):
     backup_id: str
     parts_deleted: int
+    snapshots_deleted: list[str] = msgspec.field(default_factory=list)
+    """The backup's VolumeSnapshots that were deleted with it."""
 
 
 class PruneRequest(_Struct, frozen=True, kw_only=True):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +18,20 @@ from fabrik_backup.restore import restore
 from fabrik_backup.rpc import RpcServer
 from fabrik_backup.schedule import run_schedule
 from fabrik_backup.settings import BackupSettings
+from fabrik_backup.snapshots import (
+    SnapshotConfig,
+    VolumeSnapshotter,
+    connection_for,
+    disabled,
+    summary,
+    warnings,
+)
 from fabrik_backup.targets import NatsObjectStoreTarget, Target, open_target
 from fabrik_backup.verify import verify
-from fabrik_common.backup_rpc import Operation
+from fabrik_common.backup_rpc import Operation, VolumeSnapshots
 from fabrik_common.service import Service, run_service
+
+log = logging.getLogger(__name__)
 
 NAME = "backup"
 STATE_BUCKET = "backups"
@@ -31,7 +43,28 @@ class BackupState:
     target: Target
     operations: Operations
     rpc: RpcServer
+    snapshotter: VolumeSnapshotter | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def make_snapshotter(settings: BackupSettings) -> VolumeSnapshotter | None:
+    """The volume snapshotter, or None when snapshots are off or there is no cluster."""
+    connection = connection_for(
+        settings.backup_volume_snapshots,
+        api_url=settings.backup_k8s_api_url,
+        kubeconfig=settings.backup_k8s_kubeconfig,
+        context=settings.backup_k8s_context,
+        environ=os.environ,
+    )
+    if connection is None:
+        return None
+    return VolumeSnapshotter(
+        connection,
+        SnapshotConfig(
+            namespace=settings.backup_volume_snapshot_namespace,
+            timeout_seconds=settings.backup_volume_snapshot_timeout_seconds,
+        ),
+    )
 
 
 def excluded_streams(settings: BackupSettings, target: Target) -> list[str]:
@@ -47,6 +80,7 @@ def make_workers(
     raw: RawClient,
     target: Target,
     prune: Callable[[], Awaitable[list[str]]] | None = None,
+    snapshotter: VolumeSnapshotter | None = None,
 ) -> dict[Any, Worker]:
     exclude = excluded_streams(settings, target)
 
@@ -58,9 +92,23 @@ def make_workers(
             chunk_max_messages=settings.backup_chunk_messages,
             chunk_max_bytes=settings.backup_chunk_bytes,
         )
-        manifest = await run_backup(raw, target, op.backup_id, options, report)
+
+        async def volumes() -> VolumeSnapshots:
+            if snapshotter is None:
+                return disabled(settings.backup_volume_snapshots)
+            try:
+                return await snapshotter.take(op.backup_id)
+            except Exception as exc:  # the NATS backup must not fail for its volumes
+                log.exception("volume snapshots failed", extra={"backup_id": op.backup_id})
+                return VolumeSnapshots(
+                    status="error",
+                    message=f"{type(exc).__name__}: {exc}",
+                    namespace=settings.backup_volume_snapshot_namespace,
+                )
+
+        manifest = await run_backup(raw, target, op.backup_id, options, report, volumes)
         pruned = await prune() if prune is not None else []
-        return {
+        result: dict[str, Any] = {
             "streams": len(manifest.streams),
             "messages": manifest.messages,
             "data_bytes": manifest.data_bytes,
@@ -68,6 +116,11 @@ def make_workers(
             "parts": manifest.parts,
             "pruned": pruned,
         }
+        if manifest.volume_snapshots is not None:
+            result["volume_snapshots"] = summary(manifest.volume_snapshots)
+            if found := warnings(manifest.volume_snapshots):
+                result["warnings"] = found
+        return result
 
     async def verify_work(op: Operation, report: Any) -> dict[str, Any]:
         result = await verify(target, op.backup_id, deep=bool(op.options.get("deep")), report=report)
@@ -123,13 +176,24 @@ def build(settings: BackupSettings) -> Service[BackupState]:
         )
         store = OperationStore(await js.key_value(STATE_BUCKET))
         servers: list[RpcServer] = []
+        snapshotter = make_snapshotter(settings)
+        if snapshotter is None:
+            log.info("volume snapshots: %s", disabled(settings.backup_volume_snapshots).message)
+        else:
+            log.info(
+                "volume snapshots: on",
+                extra={
+                    "kubernetes": snapshotter.connection.source,
+                    "namespace": settings.backup_volume_snapshot_namespace,
+                },
+            )
 
         async def prune() -> list[str]:
             return await servers[0].apply_retention() if servers and settings.retention().enabled else []
 
         operations = Operations(
             store,
-            make_workers(settings, raw, target, prune),
+            make_workers(settings, raw, target, prune, snapshotter),
             instance=service.instance_id,
             target=target.url,
             publish=service.bus.publish,
@@ -151,10 +215,11 @@ def build(settings: BackupSettings) -> Service[BackupState]:
             retention=settings.retention(),
             schedule=settings.backup_schedule,
             schedule_timezone=settings.backup_schedule_timezone,
+            snapshotter=snapshotter,
         )
         servers.append(server)
         await server.start()
-        state = BackupState(raw, target, operations, server)
+        state = BackupState(raw, target, operations, server, snapshotter)
         state.tasks.append(asyncio.create_task(operations.reaper(), name="backup-reaper"))
         if settings.backup_schedule:
 
@@ -185,6 +250,8 @@ def build(settings: BackupSettings) -> Service[BackupState]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await state.operations.stop()
+        if state.snapshotter is not None:
+            await state.snapshotter.close()
         await state.target.close()
         await state.raw.close()
 

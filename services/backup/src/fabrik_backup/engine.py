@@ -40,11 +40,15 @@ from fabrik_backup.archive.format import (
 )
 from fabrik_backup.jsapi import RawClient
 from fabrik_backup.targets.base import PartNotFoundError, Target
+from fabrik_common.backup_rpc import VolumeSnapshots
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[int, int], Awaitable[None]]
 """Called after every stored part with (bytes stored, parts stored); raises to stop the work."""
+
+Volumes = Callable[[], Awaitable[VolumeSnapshots]]
+"""Takes the run workspaces' volume snapshots of the backup (never raises for the cluster's sake)."""
 
 PULL_BUFFER_BYTES = 4 << 20
 
@@ -142,8 +146,13 @@ async def run_backup(
     backup_id: str,
     options: BackupOptions | None = None,
     report: Report = _no_report,
+    volumes: Volumes | None = None,
 ) -> Manifest:
-    """Back up into `target` as `backup_id`; resumes a previous attempt of the same id."""
+    """Back up into `target` as `backup_id`; resumes a previous attempt of the same id.
+
+    `volumes` runs beside the reading of the streams, started right after the capture so that the
+    workspaces are snapshotted as close as possible to the moment the streams are consistent as of;
+    its result goes into the manifest."""
     options = options or BackupOptions()
     try:
         return await load_manifest(target, backup_id)  # already complete: nothing to do
@@ -155,6 +164,25 @@ async def run_backup(
         await target.put(f"{backup_id}/{PROGRESS}", msgspec.json.encode(progress))
     else:
         log.info("resuming backup", extra={"backup_id": backup_id})
+    snapshotting = asyncio.ensure_future(volumes()) if volumes is not None else None
+    try:
+        return await _finish_backup(nc, target, backup_id, options, report, progress, snapshotting)
+    finally:
+        if snapshotting is not None and not snapshotting.done():
+            snapshotting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await snapshotting
+
+
+async def _finish_backup(
+    nc: RawClient,
+    target: Target,
+    backup_id: str,
+    options: BackupOptions,
+    report: Report,
+    progress: Progress,
+    snapshotting: asyncio.Future[VolumeSnapshots] | None,
+) -> Manifest:
     stored = sum(p.size for s in progress.streams for p in s.parts)
     parts = sum(len(s.parts) for s in progress.streams)
     for entry in progress.streams:
@@ -181,6 +209,7 @@ async def run_backup(
         data_bytes=sum(s.data_bytes for s in progress.streams),
         stored_bytes=stored,
         parts=parts,
+        volume_snapshots=await snapshotting if snapshotting is not None else None,
     )
     await target.put(f"{backup_id}/{MANIFEST}", encode_manifest(manifest))
     await target.delete(f"{backup_id}/{PROGRESS}")

@@ -259,6 +259,21 @@ class Operations:
             )
         )
 
+    async def _warn(self, op: Operation, notes: list[str]) -> None:
+        await self.publish(
+            AlertRaised(
+                alert_id=new_ulid(),
+                key=f"backup.{op.operation}.{op.operation_id}.warning",
+                severity="warning",
+                source="backup",
+                title=f"{op.operation} of {op.backup_id} succeeded with warnings",
+                message="; ".join(notes),
+                entity_kind="backup",
+                entity_id=op.backup_id,
+                labels={"operation": op.operation, "operation_id": op.operation_id, "target": op.target},
+            )
+        )
+
     async def _take(self, operation_id: str) -> Operation | None:
         """Become the owner of a requested (or abandoned) operation; None if that is not possible."""
         taken = False
@@ -327,7 +342,12 @@ class Operations:
                 )
                 await self._transition(operation_id, "failed", f"{type(exc).__name__}: {exc}")
                 return
-            final = await self._transition(operation_id, "succeeded", "", result=result)
+            # A success can carry warnings (volume snapshots that failed): the operation says so
+            # in its message and an alert is raised, but the work it did is not failed for them.
+            notes = [str(w) for w in result.get("warnings") or []]
+            final = await self._transition(operation_id, "succeeded", "; ".join(notes), result=result)
+            if final is not None and notes:
+                await self._warn(final, notes)
             if final is not None and op.operation == "verify":
                 await self.store.mark_verified(op.backup_id, _now())
         finally:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import msgspec
+from kubernetes_asyncio.client.exceptions import ApiException
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -17,6 +18,7 @@ from fabrik_backup.archive.format import MANIFEST, ArchiveError, Manifest, decod
 from fabrik_backup.operations import OperationNotFoundError, Operations
 from fabrik_backup.retention import BackupInfo, RetentionPlan, RetentionPolicy, plan_retention
 from fabrik_backup.schedule import iter_slots
+from fabrik_backup.snapshots import NETWORK_ERRORS, VolumeSnapshotter, api_message
 from fabrik_backup.targets.base import Target
 from fabrik_common import backup_rpc as rpc
 from fabrik_common.backup_rpc import (
@@ -94,8 +96,10 @@ class RpcServer:
         retention: RetentionPolicy | None = None,
         schedule: str = "",
         schedule_timezone: str = "UTC",
+        snapshotter: VolumeSnapshotter | None = None,
     ) -> None:
         self.nc = nc
+        self.snapshotter = snapshotter
         self.schedule = schedule
         self.schedule_timezone = schedule_timezone
         self.ops = operations
@@ -171,6 +175,7 @@ class RpcServer:
                     stored_bytes=m.stored_bytes,
                     parts=m.parts,
                     verified_at=await self.ops.store.verified_at(m.backup_id),
+                    volume_snapshots=m.volume_snapshots,
                 )
             )
         ops = await self.ops.store.all()
@@ -257,10 +262,30 @@ class RpcServer:
             raise RequestError(
                 404, "unknown backup", f"backup_id: no backup {request.backup_id}", "backup_id"
             )
+        try:
+            snapshots = await self.delete_snapshots(request.backup_id)
+        except (ApiException, *NETWORK_ERRORS) as exc:
+            raise RequestError(
+                500,
+                "volume snapshots not deleted",
+                f"backup_id: the VolumeSnapshots of {request.backup_id} could not be deleted "
+                f"({api_message(exc)}); the backup is kept, try again",
+                "backup_id",
+            ) from exc
         removed = await delete_backup(self.target, request.backup_id)
         await self.ops.store.forget_verified(request.backup_id)
         log.info("backup deleted", extra={"backup_id": request.backup_id, "by": request.actor})
-        return DeleteResponse(backup_id=request.backup_id, parts_deleted=removed)
+        return DeleteResponse(backup_id=request.backup_id, parts_deleted=removed, snapshots_deleted=snapshots)
+
+    async def delete_snapshots(self, backup_id: str) -> builtins.list[str]:
+        """Delete a backup's VolumeSnapshots before its archive, so that a backup whose snapshots
+        could not be deleted stays listed (and deletable again) instead of leaving them behind."""
+        if self.snapshotter is None:
+            return []
+        deleted = await self.snapshotter.delete(backup_id)
+        if deleted:
+            log.info("volume snapshots deleted", extra={"backup_id": backup_id, "snapshots": deleted})
+        return deleted
 
     async def retention_plan(self) -> RetentionPlan:
         infos = [
@@ -273,11 +298,21 @@ class RpcServer:
     async def apply_retention(self) -> builtins.list[str]:
         """Delete what the retention policy does not keep; returns the deleted backup ids."""
         plan = await self.retention_plan()
+        deleted = []
         for backup_id in plan.delete:
+            try:
+                await self.delete_snapshots(backup_id)
+            except (ApiException, *NETWORK_ERRORS) as exc:
+                log.warning(  # kept until the next retention run succeeds in deleting them
+                    "backup kept: its volume snapshots could not be deleted",
+                    extra={"backup_id": backup_id, "error": api_message(exc)},
+                )
+                continue
             await delete_backup(self.target, backup_id)
             await self.ops.store.forget_verified(backup_id)
             log.info("backup removed by retention", extra={"backup_id": backup_id})
-        return plan.delete
+            deleted.append(backup_id)
+        return deleted
 
     async def prune(self, request: PruneRequest) -> PruneResponse:
         if request.dry_run:

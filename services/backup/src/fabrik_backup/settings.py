@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -46,6 +46,18 @@ class BackupSettings(CommonSettings, frozen=True, kw_only=True):
     backup_schedule: str = ""
     """Cron expression (five fields) of scheduled backups, e.g. `0 3 * * *`; empty: none."""
     backup_schedule_timezone: str = "UTC"
+    backup_volume_snapshots: Literal["auto", "on", "off"] = "auto"
+    """CSI VolumeSnapshots of run workspaces (`data-fabrik-*` PVCs) with every backup. auto: when
+    a cluster is configured (in-cluster, `FABRIK_BACKUP_K8S_API_URL`, a kubeconfig named in
+    `FABRIK_BACKUP_K8S_KUBECONFIG` or `$KUBECONFIG`); on: also through `~/.kube/config`; off: never."""
+    backup_volume_snapshot_namespace: str = "fabrik-runs"
+    """The runs namespace, where the workspace PVCs (and so their snapshots) live."""
+    backup_volume_snapshot_timeout_seconds: PositiveFloat = 600.0
+    """How long a backup waits for its snapshots to be ready to use (then: `timed_out`)."""
+    backup_k8s_api_url: str = ""
+    """A plain API URL without credentials (`kubectl proxy`, a test double)."""
+    backup_k8s_kubeconfig: str = ""
+    backup_k8s_context: str = ""
     backup_heartbeat_seconds: PositiveFloat = 2.0
     backup_stale_seconds: PositiveFloat = 15.0
     """An operation whose owner has not written a heartbeat for this long is taken over."""

@@ -6,7 +6,9 @@ semantics that client code depends on, so the same code runs against it and agai
 - resources: pods (+ `log`, `eviction`), persistentvolumeclaims, secrets (`stringData` folded into
   `data`), configmaps, events, serviceaccounts, services, resourcequotas, limitranges, namespaces,
   nodes, persistentvolumes, jobs (batch/v1), storageclasses (storage.k8s.io/v1), roles and
-  rolebindings, and `selfsubjectaccessreviews` (answered by `KubeDouble.authorize`);
+  rolebindings, volumesnapshots and volumesnapshotclasses (snapshot.storage.k8s.io/v1, the CRDs
+  of the CSI external snapshotter; `snapshot_api=False` serves a cluster without them), and
+  `selfsubjectaccessreviews` (answered by `KubeDouble.authorize`);
 - create / get / list / replace (PUT, with the resourceVersion precondition → 409 Conflict) /
   patch (JSON patch, merge patch, strategic merge patch with `finalizers` merged as a set) /
   delete (graceful for pods, finalizers, `propagationPolicy` Foreground / Background / Orphan);
@@ -17,6 +19,11 @@ semantics that client code depends on, so the same code runs against it and agai
   field selectors (`metadata.name`, `involvedObject.name`, `status.phase`, any dotted path);
 - errors as real `Status` objects (`AlreadyExists`, `NotFound`, `Conflict`, `Invalid`,
   `BadRequest`, `Expired`);
+- a snapshot controller: a new VolumeSnapshot whose class or source PVC does not exist, or whose
+  class's `driver` is not the PVC's storage class's provisioner, gets `status.error` as the CSI
+  snapshotter reports it; otherwise it becomes `readyToUse` with the PVC's capacity as
+  `restoreSize` after `snapshot_ready_seconds` (None: only when the test calls `ready_snapshot`);
+  `fail_snapshots` (PVC name → message) makes the driver fail a snapshot of that PVC;
 - a Job controller (one pod per Job from its template, `activeDeadlineSeconds` →
   `DeadlineExceeded`, `backoffLimit: 0` → `BackoffLimitExceeded`, `Complete`), a garbage
   collector (owner references, foreground deletion) and a kubelet that plays a *script* per pod:
@@ -90,6 +97,10 @@ RESOURCE_TYPES: tuple[ResourceType, ...] = (
     ResourceType("storage.k8s.io", "v1", "storageclasses", "StorageClass", namespaced=False),
     ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role"),
     ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+    ResourceType("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot"),
+    ResourceType(
+        "snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", "VolumeSnapshotClass", namespaced=False
+    ),
 )
 _BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCE_TYPES}
 PODS = _BY_PATH[("", "v1", "pods")]
@@ -98,6 +109,10 @@ EVENTS = _BY_PATH[("", "v1", "events")]
 NAMESPACES = _BY_PATH[("", "v1", "namespaces")]
 PVCS = _BY_PATH[("", "v1", "persistentvolumeclaims")]
 SECRETS = _BY_PATH[("", "v1", "secrets")]
+STORAGE_CLASSES = _BY_PATH[("storage.k8s.io", "v1", "storageclasses")]
+VOLUME_SNAPSHOTS = _BY_PATH[("snapshot.storage.k8s.io", "v1", "volumesnapshots")]
+VOLUME_SNAPSHOT_CLASSES = _BY_PATH[("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses")]
+SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -480,8 +495,15 @@ class KubeDouble(HttpDouble):
         default_storage_class: str | None = "local-path",
         node_name: str = "double-node-1",
         version: tuple[int, int] = (1, 30),
+        snapshot_api: bool = True,
+        snapshot_ready_seconds: float | None = 0.05,
     ) -> None:
         super().__init__()
+        self.snapshot_api = snapshot_api
+        """False: the snapshot CRDs are not installed (their API group answers 404)."""
+        self.snapshot_ready_seconds = snapshot_ready_seconds
+        self.fail_snapshots: dict[str, str] = {}
+        """PVC name -> the error message the CSI driver reports for a snapshot of it."""
         self.objects: dict[tuple[str, str, str], Obj] = {}
         self.resource_version = 0
         self.history: list[_HistoryEntry] = []
@@ -598,6 +620,10 @@ class KubeDouble(HttpDouble):
 
     def pods_of_job(self, namespace: str, job: str) -> list[Obj]:
         return self.list_objects("pods", namespace, f"batch.kubernetes.io/job-name={job}")
+
+    def ready_snapshot(self, namespace: str, name: str) -> Obj | None:
+        """Make a VolumeSnapshot ready to use now (as the controller does once the driver is done)."""
+        return self._snapshot_ready(namespace, name)
 
     # ---- storage ---------------------------------------------------------------------------
 
@@ -758,6 +784,8 @@ class KubeDouble(HttpDouble):
         if not rest:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         rt = _BY_PATH.get((group, version, rest[0]))
+        if group == SNAPSHOT_GROUP and not self.snapshot_api:
+            rt = None
         if rt is None:
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
         name = rest[1] if len(rest) > 1 else ""
@@ -1171,12 +1199,80 @@ class KubeDouble(HttpDouble):
                 task.cancel()
         if kind == "DELETED":
             self._collect_orphans(meta["uid"])
+        if rt is VOLUME_SNAPSHOTS and kind == "ADDED":
+            self._spawn(self._snapshot_controller(meta["namespace"], meta["name"]), f"snap:{meta['name']}")
         if rt is PODS:
             if kind == "ADDED":
                 self._pod_tasks[meta["uid"]] = self._spawn(
                     self._kubelet(meta["namespace"], meta["name"]), f"kubelet:{meta['name']}"
                 )
             self._job_sees_pod(kind, obj)
+
+    # ---- the CSI snapshot controller ------------------------------------------------------
+
+    def _snapshot_problem(self, snapshot: Obj) -> str | None:
+        """What the external snapshotter reports for a snapshot it cannot take, if anything."""
+        ns = snapshot["metadata"]["namespace"]
+        spec = snapshot.get("spec") or {}
+        pvc_name = (spec.get("source") or {}).get("persistentVolumeClaimName")
+        if not pvc_name:
+            return None  # pre-provisioned from a VolumeSnapshotContent: nothing to take
+        pvc = self.objects.get((self._rkey(PVCS), ns, pvc_name))
+        if pvc is None:
+            return f'error getting PVC {ns}/{pvc_name}: persistentvolumeclaims "{pvc_name}" not found'
+        class_name = spec.get("volumeSnapshotClassName")
+        snapshot_class = self.objects.get((self._rkey(VOLUME_SNAPSHOT_CLASSES), "", class_name or ""))
+        if snapshot_class is None:
+            return (
+                "failed to get snapshot class with error: volumesnapshotclass.snapshot.storage.k8s.io "
+                f'"{class_name}" not found'
+            )
+        storage_class_name = (pvc.get("spec") or {}).get("storageClassName") or ""
+        storage_class = self.objects.get((self._rkey(STORAGE_CLASSES), "", storage_class_name))
+        provisioner = (storage_class or {}).get("provisioner")
+        if provisioner != snapshot_class.get("driver"):
+            return (
+                f"failed to take snapshot of the volume {pvc_name}: the driver "
+                f"{snapshot_class.get('driver')} of class {class_name} is not the volume's ({provisioner})"
+            )
+        return self.fail_snapshots.get(pvc_name)
+
+    async def _snapshot_controller(self, ns: str, name: str) -> None:
+        await asyncio.sleep(0.01)
+        snapshot = self.objects.get((self._rkey(VOLUME_SNAPSHOTS), ns, name))
+        if snapshot is None:
+            return
+        problem = self._snapshot_problem(snapshot)
+        if problem is not None:
+
+            def failed(o: Obj) -> None:
+                o["status"] = {"readyToUse": False, "error": {"message": problem, "time": now_iso()}}
+
+            self._update(VOLUME_SNAPSHOTS, ns, name, failed)
+            return
+        if self.snapshot_ready_seconds is None:
+            return
+        await asyncio.sleep(self.snapshot_ready_seconds)
+        self._snapshot_ready(ns, name)
+
+    def _snapshot_ready(self, ns: str, name: str) -> Obj | None:
+        snapshot = self.objects.get((self._rkey(VOLUME_SNAPSHOTS), ns, name))
+        if snapshot is None:
+            return None
+        pvc_name = ((snapshot.get("spec") or {}).get("source") or {}).get("persistentVolumeClaimName", "")
+        pvc = self.objects.get((self._rkey(PVCS), ns, pvc_name)) or {}
+        size = ((pvc.get("status") or {}).get("capacity") or {}).get("storage", "0")
+        uid = snapshot["metadata"]["uid"]
+
+        def ready(o: Obj) -> None:
+            o["status"] = {
+                "boundVolumeSnapshotContentName": f"snapcontent-{uid}",
+                "creationTime": now_iso(),
+                "readyToUse": True,
+                "restoreSize": size,
+            }
+
+        return self._update(VOLUME_SNAPSHOTS, ns, name, ready)
 
     async def _job_started(self, ns: str, name: str) -> None:
         await asyncio.sleep(0.01)

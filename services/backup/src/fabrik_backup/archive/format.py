@@ -9,7 +9,10 @@ An archive is a set of parts under `<backup_id>/` in a target:
 - `<backup_id>/progress.json`: the backup's progress record while it runs (what is captured, which
   chunks are complete); a resumed backup continues after its last complete chunk.
 - `<backup_id>/manifest.json`: written last, once every chunk is stored; an archive without a
-  manifest is incomplete and is neither listed nor restorable.
+  manifest is incomplete and is neither listed nor restorable. Its optional `volume_snapshots`
+  records the CSI VolumeSnapshots of run workspaces taken with the backup; manifests written
+  before it existed decode with it unset, and older readers ignore it (unknown fields are skipped),
+  so the format version stays 1.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 
 import msgspec
 import zstandard
+
+from fabrik_common.backup_rpc import VolumeSnapshots
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -95,6 +100,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     data_bytes: int = 0
     stored_bytes: int = 0
     parts: int = 0
+    volume_snapshots: VolumeSnapshots | None = None
 
     def stream(self, name: str) -> StreamEntry:
         for entry in self.streams:

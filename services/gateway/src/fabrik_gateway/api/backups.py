@@ -124,12 +124,41 @@ class OperationView(msgspec.Struct, kw_only=True):
     owner: str | None
     attempts: int
     message: str
-    """Why it failed or was cancelled; empty otherwise."""
+    """Why it failed or was cancelled, or the warnings of a success (a volume snapshot that failed
+    or timed out; an alert is raised too); empty otherwise."""
     bytes_done: int
     parts_done: int
     result: dict[str, Any]
-    """Backup: streams, messages, bytes, parts, pruned; verify: parts, messages, deep, compared;
+    """Backup: streams, messages, bytes, parts, pruned, `volume_snapshots` (counts per state),
+    `warnings`; verify: parts, messages, deep, compared;
     restore: per stream its messages, whether it was skipped, conditions dropped."""
+
+
+class VolumeSnapshotView(msgspec.Struct, kw_only=True):
+    """A run workspace PVC (`data-fabrik-<run>`) and its CSI VolumeSnapshot taken with the backup."""
+
+    pvc: str
+    snapshot: str
+    """The VolumeSnapshot in the runs namespace (restore: a PVC with it as `dataSource`); empty
+    when skipped."""
+    snapshot_class: str
+    storage_class: str
+    state: Literal["ready", "failed", "skipped", "timed_out"]
+    reason: str
+    """Why it was skipped (e.g. the storage class supports no snapshots), failed or timed out."""
+    restore_size: str
+    """`status.restoreSize`: the smallest size of a PVC restored from it."""
+
+
+class VolumeSnapshotsView(msgspec.Struct, kw_only=True):
+    """The run workspaces' volume snapshots of a backup."""
+
+    status: Literal["taken", "off", "unavailable", "error"]
+    """`taken` (each volume has its state), `off` (`FABRIK_BACKUP_VOLUME_SNAPSHOTS=off`),
+    `unavailable` (the backup service is not on Kubernetes), `error` (the Kubernetes API failed)."""
+    message: str
+    namespace: str
+    volumes: list[VolumeSnapshotView]
 
 
 class BackupView(msgspec.Struct, kw_only=True):
@@ -156,6 +185,9 @@ class BackupView(msgspec.Struct, kw_only=True):
     operation_id: str | None = None
     """The latest backup operation of an incomplete backup."""
     message: str = ""
+    volume_snapshots: VolumeSnapshotsView | None = None
+    """The run workspaces' CSI VolumeSnapshots taken with it; null for an incomplete backup or one
+    taken before volume snapshots existed."""
 
 
 class BackupList(msgspec.Struct, kw_only=True):
@@ -178,6 +210,8 @@ class OperationList(msgspec.Struct, kw_only=True):
 class DeletedView(msgspec.Struct, kw_only=True):
     backup_id: str
     parts_deleted: int
+    snapshots_deleted: list[str] = []
+    """The backup's VolumeSnapshots deleted with it."""
 
 
 class PruneView(msgspec.Struct, kw_only=True):
@@ -319,8 +353,9 @@ class BackupsController(Controller):
         "/backups",
         summary="Backups and operations",
         description=(
-            "Every complete backup on the target (oldest first: capture time, sizes, last verification), "
-            "incomplete backups (a backup operation without a manifest), and the latest operations."
+            "Every complete backup on the target (oldest first: capture time, sizes, last verification, "
+            "the run workspaces' volume snapshots), incomplete backups (a backup operation without a "
+            "manifest), and the latest operations."
         ),
         responses={**BAD_QUERY, **UNAVAILABLE},
     )
@@ -653,8 +688,9 @@ class BackupsController(Controller):
         status_code=200,
         summary="Delete a backup",
         description=(
-            "Admins. Removes the archive (its manifest first, so it is never half listed), complete or "
-            "incomplete. 409 while an operation uses it."
+            "Admins. Removes the backup's volume snapshots, then the archive (its manifest first, so it "
+            "is never half listed), complete or incomplete. 409 while an operation uses it; 502 when "
+            "the snapshots cannot be deleted (the backup is kept)."
         ),
         opt={"audit_action": "backup.delete"},
         responses={**INVALID_BODY, **NOT_FOUND, 409: problem_spec("An operation uses it"), **UNAVAILABLE},
