@@ -11,12 +11,17 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 from click.testing import CliRunner
 
+from fabrik_cli.client import ApiClient
+from fabrik_cli.commands.common import output_option, project_required
+from fabrik_cli.credentials import CredentialStore, StoredCredential
 from fabrik_cli.infra.config import load
 from fabrik_cli.main import cli
+from fabrik_cli.userconfig import ConfigFileError, default_project, load_user_config
 from fabrik_common.natsserver import port_is_free
 from fabrik_common.testing.hcloud_double import HcloudDouble
 from fabrik_common.testing.k8s_double_cluster import ClusterDouble
@@ -97,7 +102,7 @@ def test_a_busy_port_fails_the_check_with_the_fix_and_writes_nothing(home: Path)
 
 def test_the_wizard_asks_and_writes(home: Path) -> None:
     base = free_port_base()
-    answers = "\n".join(["1", "data-team", "", "sk-ant-9", str(base)]) + "\n"
+    answers = "\n".join(["1", "data-team", "", "sk-ant-9", str(base), ""]) + "\n"
     result = CliRunner().invoke(cli, ["init"], env=env_for(home), input=answers)
     assert result.exit_code == 0, result.output
     assert "Where should Fabrik run?" in result.output and "this machine" in result.output
@@ -110,7 +115,7 @@ def test_the_wizard_asks_and_writes(home: Path) -> None:
 
 def test_the_wizard_refuses_a_bad_project_name(home: Path) -> None:
     base = free_port_base()
-    answers = "\n".join(["local", "Web_Shop", "", "", str(base)]) + "\n"
+    answers = "\n".join(["local", "Web_Shop", "", "", str(base), ""]) + "\n"
     result = CliRunner().invoke(cli, ["init"], env=env_for(home), input=answers)
     assert result.exit_code == 2
     assert "--project: must be a DNS-1123 label" in result.output and not home.exists()
@@ -264,3 +269,72 @@ def test_an_unreachable_nats_fails_its_check(home: Path) -> None:
     )
     assert result.exit_code == 1, result.output
     assert "FAIL NATS reachable" in result.output and "fix:" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# what the other commands read back (fabrik_cli.userconfig)
+
+
+def test_the_other_commands_take_the_written_defaults_flags_and_variables_first(
+    home: Path, tmp_path: Path
+) -> None:
+    base = free_port_base()
+    args = ["init", "-y", "--port-base", str(base), "--project", "shop", "--api", "http://gw.test:9000"]
+    result = CliRunner().invoke(cli, [*args, "--token", "fbk_secret", "-o", "json"], env=env_for(home))
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((home / "config.yaml").read_text())
+    token_file = home / "token"
+    assert config["api_url"] == "http://gw.test:9000" and config["output"] == "json"
+    assert config["token_file"] == str(token_file) and "fbk_secret" not in (home / "config.yaml").read_text()
+    assert token_file.read_text() == "fbk_secret\n" and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+    env = {"FABRIK_HOME": str(home)}
+    client = ApiClient.from_env(None, env)
+    assert client.target.url == "http://gw.test:9000"
+    assert client.target.source == f"api_url in {home / 'config.yaml'}"
+    assert client.credential is not None and client.credential.token == "fbk_secret"
+    assert client.credential.source == "config"
+    # flags and variables come first
+    assert ApiClient.from_env("http://flag.test", env).target.url == "http://flag.test"
+    assert (
+        ApiClient.from_env(None, {**env, "FABRIK_API_URL": "http://var.test"}).target.url == "http://var.test"
+    )
+    other = ApiClient.from_env(None, {**env, "FABRIK_TOKEN": "from-env"}).credential
+    assert other is not None and (other.token, other.source) == ("from-env", "env")
+    # `fabrik login`'s credential for that API beats the configured token
+    CredentialStore.default(env).save(
+        "http://gw.test:9000", StoredCredential(token="from-login", subject="u", kind="token")
+    )
+    stored = ApiClient.from_env(None, env).credential
+    assert stored is not None and stored.token == "from-login"
+
+
+def test_project_and_output_defaults_and_their_overrides(home: Path) -> None:
+    home.mkdir()
+    (home / "config.yaml").write_text("target: local\nproject: shop\noutput: yaml\n")
+    seen: list[tuple[str, str]] = []
+
+    @click.command()
+    @click.option(
+        "--project", "-p", envvar="FABRIK_PROJECT", default=default_project, callback=project_required
+    )
+    @output_option
+    def probe(project: str, output: str) -> None:
+        seen.append((project, output))
+
+    runner = CliRunner()
+    for args, extra, expected in (
+        ([], {}, ("shop", "yaml")),
+        (["-p", "web", "-o", "json"], {}, ("web", "json")),
+        ([], {"FABRIK_PROJECT": "env-proj", "FABRIK_OUTPUT": "table"}, ("env-proj", "table")),
+    ):
+        result = runner.invoke(probe, args, env={"FABRIK_HOME": str(home), **extra})
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == expected
+    (home / "config.yaml").write_text("target: local\n")
+    result = runner.invoke(probe, [], env={"FABRIK_HOME": str(home), "FABRIK_PROJECT": ""})
+    assert result.exit_code == 2 and "Missing option '--project'" in result.output
+    (home / "config.yaml").write_text("output: xml\n")
+    with pytest.raises(ConfigFileError) as info:
+        load_user_config({"FABRIK_HOME": str(home)})
+    assert info.value.details == ["output: must be one of table, json, yaml (got 'xml')"]

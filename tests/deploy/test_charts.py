@@ -27,6 +27,7 @@ import yaml
 
 from fabrik_backup.settings import BackupSettings
 from fabrik_cli import doctor
+from fabrik_common import topology
 from fabrik_common.events import Resources, RunDispatched, RunParameters, Workload
 from fabrik_common.settings import CommonSettings, load_settings
 from fabrik_executor.kubernetes import render
@@ -333,13 +334,16 @@ def test_executor_rbac_grants_what_doctor_checks_and_only_in_the_runs_namespace(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
     manifests = rendered["default"]
-    assert of_kind(manifests, "ClusterRole") == [] and of_kind(manifests, "ClusterRoleBinding") == []
+    assert [r["metadata"]["name"] for r in of_kind(manifests, "ClusterRole")] == [
+        "fabrik-system-fabrik-backup-storage-read"  # the backup service's reads, nothing else
+    ]
     roles = of_kind(manifests, "Role")
-    assert [(r["metadata"]["namespace"], r["metadata"]["name"]) for r in roles] == [
-        (doctor.RUNS_NAMESPACE, "fabrik-executor-runs")
+    assert sorted((r["metadata"]["namespace"], r["metadata"]["name"]) for r in roles) == [
+        (doctor.RUNS_NAMESPACE, "fabrik-backup-snapshots"),
+        (doctor.RUNS_NAMESPACE, "fabrik-executor-runs"),
     ]
     granted: set[tuple[str, str, str]] = set()
-    for rule in roles[0]["rules"]:
+    for rule in one(manifests, "Role", "fabrik-executor-runs")["rules"]:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 granted |= {(group, resource, verb) for verb in rule["verbs"]}
@@ -355,6 +359,56 @@ def test_executor_rbac_grants_what_doctor_checks_and_only_in_the_runs_namespace(
             "namespace": doctor.SYSTEM_NAMESPACE,
         }
     ]
+
+
+def granted_by(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_backup_rbac_reads_pvcs_and_manages_volume_snapshots_in_the_runs_namespace_only(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    manifests = rendered["default"]
+    snapshots = "snapshot.storage.k8s.io"
+    role = one(manifests, "Role", "fabrik-backup-snapshots")
+    assert role["metadata"]["namespace"] == doctor.RUNS_NAMESPACE
+    assert granted_by(role) == {
+        ("", "persistentvolumeclaims", "get"),
+        ("", "persistentvolumeclaims", "list"),
+        *((snapshots, "volumesnapshots", verb) for verb in ("create", "get", "list", "delete")),
+    }
+    cluster = one(manifests, "ClusterRole", "fabrik-system-fabrik-backup-storage-read")
+    assert granted_by(cluster) == {
+        ("storage.k8s.io", "storageclasses", "get"),
+        ("storage.k8s.io", "storageclasses", "list"),
+        (snapshots, "volumesnapshotclasses", "get"),
+        (snapshots, "volumesnapshotclasses", "list"),
+    }
+    account = {"kind": "ServiceAccount", "name": "fabrik-backup", "namespace": doctor.SYSTEM_NAMESPACE}
+    assert one(manifests, "RoleBinding", "fabrik-backup-snapshots")["subjects"] == [account]
+    binding = one(manifests, "ClusterRoleBinding", "fabrik-system-fabrik-backup-storage-read")
+    assert binding["subjects"] == [account]
+    assert binding["roleRef"]["name"] == cluster["metadata"]["name"]
+    deployment = one(manifests, "Deployment", "fabrik-backup")
+    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    env = container_env(deployment)
+    assert env["FABRIK_BACKUP_VOLUME_SNAPSHOTS"]["value"] == "auto"
+    assert env["FABRIK_BACKUP_VOLUME_SNAPSHOT_NAMESPACE"]["value"] == doctor.RUNS_NAMESPACE
+    # the other services get nothing
+    for service in SERVICES:
+        if service not in ("executor", "backup"):
+            assert (
+                one(manifests, "Deployment", f"fabrik-{service}")["spec"]["template"]["spec"][
+                    "automountServiceAccountToken"
+                ]
+                is False
+            )
 
 
 def test_namespaces_enforce_the_restricted_pod_security_profile(
@@ -477,17 +531,53 @@ def test_nats_users_match_the_services(rendered: dict[str, list[dict[str, Any]]]
         )
         allowed = users[f"fabrik-{service}"]["permissions"]["publish"]["allow"]
         assert (">" not in allowed and "fabrik.>" not in allowed) or service == "backup"
-    # only the scheduler writes run records, only the optimizer the config bucket
-    for service in SERVICES:
-        denied = users[f"fabrik-{service}"]["permissions"]["publish"].get("deny", [])
-        if service not in ("scheduler", "backup"):
-            assert "$KV.runs.>" in denied
-        if service not in ("optimizer", "backup"):
-            assert "$KV.config.>" in denied
+    # the single writers of DESIGN §2: only the scheduler writes run records, the queue and alerts,
+    # only the optimizer the config bucket, only the gateway environments and API tokens
+    writers = {"runs": "scheduler", "queue": "scheduler", "alerts": "scheduler", "config": "optimizer"}
+    writers |= {"envs": "gateway", "tokens": "gateway"}
+    for bucket, writer in writers.items():
+        for service in SERVICES:
+            if service == "backup":
+                continue
+            allowed = users[f"fabrik-{service}"]["permissions"]["publish"]["allow"]
+            assert (f"$KV.{bucket}.>" in allowed) == (service == writer), (service, bucket)
+            assert "$KV.>" not in allowed
     # dev: no users, services connect without a password
     dev_env = container_env(one(rendered["dev"], "Deployment", "fabrik-gateway"))
     assert "NATS_PASSWORD" not in dev_env
     assert dev_env["FABRIK_NATS_URL"]["value"] == "nats://nats.fabrik-system.svc:4222"
+
+
+def test_nats_users_may_ensure_the_topology_but_not_remove_it() -> None:
+    """Every service ensures the streams, buckets and object stores at start (fabrik_common.topology):
+    its user may look them up, create them and update the streams, and nothing else of the
+    JetStream API beyond its own consumers and buckets: no delete, no purge, no wildcard over the
+    API. Only the backup service (restores) and operators manage streams."""
+    values = yaml.safe_load((CHARTS / "fabrik" / "values.yaml").read_text())
+    users = {u["user"]: u for u in values["nats"]["config"]["merge"]["authorization"]["users"]}
+    streams = [s.name for s in topology.STREAMS]
+    created = streams + [f"KV_{b.name}" for b in topology.KV_BUCKETS]
+    created += [f"OBJ_{o.name}" for o in topology.OBJECT_STORES]
+    for service in SERVICES:
+        if service == "backup":
+            continue
+        publish = users[f"fabrik-{service}"]["permissions"]["publish"]
+        allowed = publish["allow"]
+        assert "$JS.API.STREAM.INFO.*" in allowed
+        creates = {a.removeprefix("$JS.API.STREAM.CREATE.") for a in allowed if ".STREAM.CREATE." in a}
+        updates = {a.removeprefix("$JS.API.STREAM.UPDATE.") for a in allowed if ".STREAM.UPDATE." in a}
+        assert (creates, updates) == (set(created), set(streams)), service
+        for subject in allowed:
+            assert not subject.startswith(("$JS.API.STREAM.DELETE", "$JS.API.STREAM.PURGE")), subject
+            assert not subject.startswith(("$JS.API.CONSUMER.DELETE", "$JS.API.STREAM.MSG.DELETE")), subject
+            assert subject not in (">", "$JS.>", "$JS.API.>", "$KV.>", "$O.>", "_INBOX.>"), subject
+            if subject.startswith(("$JS.API.CONSUMER.DURABLE.CREATE.", "$JS.API.CONSUMER.MSG.NEXT.")):
+                durable = subject.rsplit(".", 1)[1]
+                prefix = "llm-proxy" if service == "llm-proxy" else service
+                assert durable.startswith(prefix + "-"), f"{service} may use {durable}"
+        assert "deny" not in publish  # allow lists only: what is not listed is refused
+        assert "_INBOX.>" in users[f"fabrik-{service}"]["permissions"]["subscribe"]["allow"]
+        assert "fabrik.>" not in users[f"fabrik-{service}"]["permissions"]["subscribe"]["allow"]
 
 
 def test_production_runs_a_nats_cluster_of_three_and_r3_streams(
@@ -631,6 +721,45 @@ def _mutations() -> Iterator[tuple[str, Any, str]]:
         )
 
     yield "another account bound", other_account, "only the executor has Kubernetes permissions"
+
+    def backup_writes_cluster_wide(m: list[dict[str, Any]]) -> None:
+        one(m, "ClusterRole", "fabrik-system-fabrik-backup-storage-read")["rules"][0]["verbs"].append(
+            "delete"
+        )
+
+    yield "backup deletes storage classes", backup_writes_cluster_wide, "verbs ['delete'] on storageclasses"
+
+    def backup_reads_secrets_cluster_wide(m: list[dict[str, Any]]) -> None:
+        one(m, "ClusterRole", "fabrik-system-fabrik-backup-storage-read")["rules"].append(
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+        )
+
+    yield (
+        "backup reads secrets cluster-wide",
+        backup_reads_secrets_cluster_wide,
+        "core/secrets is not allowed",
+    )
+
+    def cluster_binding_other(m: list[dict[str, Any]]) -> None:
+        one(m, "ClusterRoleBinding", "fabrik-system-fabrik-backup-storage-read")["subjects"].append(
+            {"kind": "ServiceAccount", "name": "fabrik-gateway", "namespace": "fabrik-system"}
+        )
+
+    yield "cluster binding of another account", cluster_binding_other, "binds {'kind': 'ServiceAccount'"
+
+    def backup_beyond(m: list[dict[str, Any]]) -> None:
+        one(m, "Role", "fabrik-backup-snapshots")["rules"][0]["verbs"].append("delete")
+
+    yield "backup deletes pvcs", backup_beyond, "verbs ['delete'] on persistentvolumeclaims"
+
+    def backup_elsewhere(m: list[dict[str, Any]]) -> None:
+        role = copy.deepcopy(one(m, "Role", "fabrik-backup-snapshots"))
+        role["metadata"]["namespace"] = "fabrik-system"
+        binding = copy.deepcopy(one(m, "RoleBinding", "fabrik-backup-snapshots"))
+        binding["metadata"]["namespace"] = "fabrik-system"
+        m += [role, binding]
+
+    yield "backup in fabrik-system", backup_elsewhere, "the backup service has no permissions outside"
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,14 @@ Where the API is (first match wins):
 
 1. `--api URL` on the command line,
 2. `$FABRIK_API_URL`,
-3. the gateway of the local stack, from the state file `fabrik up` writes (`<data>/stack.json`,
+3. `api_url` in the config.yaml `fabrik init` writes (`fabrik_cli.userconfig`),
+4. the gateway of the local stack, from the state file `fabrik up` writes (`<data>/stack.json`,
    data directory as for `fabrik up`: `$FABRIK_HOME`, `$XDG_DATA_HOME/fabrik`, ...),
-4. `http://127.0.0.1:8080`.
+5. `http://127.0.0.1:8080`.
 
 A URL may be given with or without the `/api/v1` suffix. The bearer credential is `$FABRIK_TOKEN`,
-else the one `fabrik login` stored for that URL (`fabrik_cli.credentials`), else none. Reads,
+else the one `fabrik login` stored for that URL (`fabrik_cli.credentials`), else the token in
+config.yaml's `token_file`, else none. Reads,
 and submits (which always carry an `Idempotency-Key`), are retried a few times while the gateway
 answers 502/503/504; cancel and resume are sent once.
 
@@ -40,6 +42,7 @@ from fabrik_cli.credentials import ENV_TOKEN, Credential, CredentialStore, resol
 from fabrik_cli.errors import EXIT_FAILURE, EXIT_USAGE, CliError, field_lines
 from fabrik_cli.local import StackError, StackPaths, default_data_dir, read_state
 from fabrik_cli.sse import ServerSentEvent, SseParser
+from fabrik_cli.userconfig import load_user_config
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 API_PREFIX = "/api/v1"
@@ -108,6 +111,9 @@ def resolve_api_target(api: str | None, environ: Mapping[str, str] | None = None
         return ApiTarget(normalize_base_url(api), "--api")
     if env.get(ENV_API_URL):
         return ApiTarget(normalize_base_url(env[ENV_API_URL]), f"${ENV_API_URL}")
+    config = load_user_config(env)
+    if config.api_url:
+        return ApiTarget(normalize_base_url(config.api_url), f"api_url in {config.path}")
     local = local_stack_url(env)
     if local is not None:
         url, state_file = local
@@ -199,6 +205,11 @@ class ApiError(CliError):
             return [
                 f"the credential stored by `fabrik login` ({credential.path}) was refused: log in again "
                 f"with {login}, or set ${ENV_TOKEN}"
+            ]
+        if credential.source == "config":
+            return [
+                f"the token in {credential.path} (token_file of `fabrik init`'s config.yaml) was refused: "
+                f"write a valid one there, log in with {login}, or set ${ENV_TOKEN}"
             ]
         return ["the token given was refused"]
 
@@ -300,6 +311,11 @@ class ApiClient:
         env = os.environ if environ is None else environ
         target = resolve_api_target(api, env)
         credential = resolve_credential(target.url, env)
+        if credential is None:
+            config = load_user_config(env)
+            token = config.token()
+            if token is not None:
+                credential = Credential(token, "config", config.token_path())
         if credential is not None and credential.path is not None:
             warning = CredentialStore(credential.path).loose_permissions()
             if warning:

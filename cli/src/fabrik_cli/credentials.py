@@ -4,7 +4,8 @@ Which credential a command sends (first match wins):
 
 1. `$FABRIK_TOKEN`,
 2. the credential `fabrik login` stored for the API's URL,
-3. none (the gateway treats the caller as anonymous, with its `FABRIK_ANONYMOUS_ROLE`).
+3. the token in the `token_file` of `fabrik init`'s config.yaml (`fabrik_cli.userconfig`),
+4. none (the gateway treats the caller as anonymous, with its `FABRIK_ANONYMOUS_ROLE`).
 
 The file is `$FABRIK_HOME/credentials.json` when `$FABRIK_HOME` is set (one variable isolates a
 whole Fabrik setup, as for the local stack's data), else `$XDG_CONFIG_HOME/fabrik/credentials.json`,
@@ -109,7 +110,8 @@ class Credential:
 
     token: str
     source: str
-    """`env` ($FABRIK_TOKEN) or `file` (stored by `fabrik login`)."""
+    """`env` ($FABRIK_TOKEN), `file` (stored by `fabrik login`), `config` (the `token_file` of
+    `fabrik init`'s config.yaml) or `option`."""
     path: Path | None = None
 
     @property
@@ -119,6 +121,8 @@ class Credential:
     def describe(self) -> str:
         if self.from_env:
             return f"${ENV_TOKEN}"
+        if self.source == "config":
+            return f"the token file {self.path} (token_file in config.yaml)"
         return f"stored by `fabrik login` in {self.path}"
 
 

@@ -11,6 +11,7 @@ import click
 
 from fabrik_cli.client import ENV_API_URL, ApiClient
 from fabrik_cli.output import FORMATS, OutputFormat, dump
+from fabrik_cli.userconfig import ENV_OUTPUT, default_output
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -20,9 +21,20 @@ def api_option(func: F) -> F:
         "--api",
         metavar="URL",
         default=None,
-        help=f"Gateway URL. [default: ${ENV_API_URL}, else the local stack's, else http://127.0.0.1:8080]",
+        help=(
+            f"Gateway URL. [default: ${ENV_API_URL}, else config.yaml's `api_url`, else the local "
+            "stack's, else http://127.0.0.1:8080]"
+        ),
     )
     return option(func)
+
+
+def project_required(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    """The `--project` callback of commands that need one: the flag, $FABRIK_PROJECT or config.yaml's
+    `project` (a callable default), else the usual missing-option error."""
+    if not value:
+        raise click.MissingParameter(ctx=ctx, param=param)
+    return value
 
 
 def output_option(func: F) -> F:
@@ -31,8 +43,10 @@ def output_option(func: F) -> F:
         "--output",
         "output",
         type=click.Choice(FORMATS),
-        default=OutputFormat.TABLE.value,
-        show_default=True,
+        default=default_output,
+        envvar=ENV_OUTPUT,
+        show_envvar=True,
+        show_default="config.yaml's `output`, else table",
         help="Output format: a table for people, or the API's JSON (or YAML) for scripts.",
     )
     return option(func)

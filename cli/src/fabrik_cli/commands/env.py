@@ -29,9 +29,10 @@ from urllib.parse import quote
 import click
 
 from fabrik_cli.client import ApiClient
-from fabrik_cli.commands.common import api_option, err, open_client, out, output_option
+from fabrik_cli.commands.common import api_option, err, open_client, out, output_option, project_required
 from fabrik_cli.errors import CliError, UsageError
 from fabrik_cli.output import OutputFormat, dump, format_time, render_table
+from fabrik_cli.userconfig import ENV_PROJECT, default_project
 from fabrik_common.envs import (
     DotenvEntry,
     DotenvError,
@@ -44,7 +45,7 @@ from fabrik_common.envs import (
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ENV_PROJECT = "FABRIK_PROJECT"
+
 ENV_ENV = "FABRIK_ENV"
 DEFAULT_ENV = "dev"
 HIDDEN = "********"
@@ -58,9 +59,11 @@ def project_option(func: F) -> F:
     option = click.option(
         "--project",
         "-p",
-        required=True,
+        callback=project_required,
         envvar=ENV_PROJECT,
         show_envvar=True,
+        default=default_project,
+        show_default="config.yaml's `project`",
         help="Project (a DNS-1123 label).",
     )
     return option(func)

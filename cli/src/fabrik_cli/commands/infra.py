@@ -135,10 +135,19 @@ def apply(file: Path, yes: bool, force: bool, kubeconfig: str | None) -> None:
     _api_errors(lambda: cluster.apply(drainer=_drainer(cluster, kubeconfig), force=force))
     address, servers = _api_errors(cluster.endpoints)
     click.echo(f"applied. Kubernetes API: https://{address}:6443 ({len(servers)} servers)")
-    click.echo(
-        "next: wait for the nodes to boot (about two minutes), then `fabrik infra kubeconfig "
-        f"-f {file}` and install the platform: docs/infra.md#the-platform"
-    )
+    platform = cluster.config.spec.platform
+    if platform is None:
+        click.echo(
+            "next: wait for the nodes to boot (about two minutes), then `fabrik infra kubeconfig "
+            f"-f {file}` and install the platform: docs/infra.md#the-platform"
+        )
+    else:
+        click.echo(
+            f"next: the first control plane installs the platform (chart {platform.chart} "
+            f"{cluster.config.chart_version}) once k3s is up; after about two minutes run "
+            f"`fabrik infra kubeconfig -f {file}` and watch it with "
+            "`kubectl -n kube-system get helmchart fabrik` and `kubectl -n fabrik-system get pods`"
+        )
 
 
 @infra_group.command("destroy")

@@ -10,6 +10,7 @@ import click
 from fabrik_cli.errors import CliError, UsageError
 from fabrik_cli.infra.config import LOCATIONS
 from fabrik_cli.onboarding.setup import TARGET_HELP, TARGETS, Answers, preflight, problems, write
+from fabrik_cli.userconfig import OUTPUT_FORMATS
 
 
 def _ask(answers: Answers, environ: dict[str, str]) -> None:
@@ -52,6 +53,23 @@ def _ask(answers: Answers, environ: dict[str, str]) -> None:
         )
         answers.allowed_cidrs = [c.strip() for c in str(cidrs).split(",") if c.strip()]
         answers.infra_file = click.prompt("cluster file to write", default=answers.infra_file)
+        answers.image_registry = click.prompt(
+            "registry of the fabrik-* images (empty: install the platform yourself)",
+            default=answers.image_registry,
+            show_default=False,
+        ).strip()
+    click.echo("Defaults of the other commands (flags and FABRIK_* variables still win)")
+    local_hint = "empty: the local stack's" if answers.target == "local" else "empty: set it later"
+    answers.api_url = click.prompt(
+        f"  gateway URL ({local_hint})", default=answers.api_url, show_default=False
+    ).strip()
+    if answers.api_url and not answers.token_file:
+        answers.token = click.prompt(
+            "  API token (empty: none, or `fabrik login` later)",
+            default=answers.token,
+            hide_input=True,
+            show_default=False,
+        ).strip()
 
 
 @click.command("init", context_settings={"show_default": True})
@@ -94,6 +112,40 @@ def _ask(answers: Answers, environ: dict[str, str]) -> None:
 )
 @click.option("--infra-file", default="fabrik-infra.yaml", help="hetzner: the cluster file to write.")
 @click.option(
+    "--image-registry",
+    default="",
+    show_default=False,
+    help="hetzner: where the fabrik-* images are; the cluster then installs the platform itself.",
+)
+@click.option(
+    "--api",
+    "api_url",
+    default="",
+    show_default=False,
+    help="The gateway URL the other commands use. [default: the local stack's]",
+)
+@click.option(
+    "--token",
+    default="",
+    show_default=False,
+    help="An API token (or JWT) the other commands send; stored in the configuration directory (0600).",
+)
+@click.option(
+    "--token-file",
+    default="",
+    show_default=False,
+    help="A file holding the API token the other commands send (read at each command).",
+)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Choice(OUTPUT_FORMATS),
+    default=None,
+    show_default=False,
+    help="The output format of the other commands. [default: table]",
+)
+@click.option(
     "--skip-checks", is_flag=True, help="Write the configuration even when a pre-flight check fails."
 )
 def init(
@@ -113,12 +165,19 @@ def init(
     ssh_key: str,
     allow_cidr: tuple[str, ...],
     infra_file: str,
+    image_registry: str,
+    api_url: str,
+    token: str,
+    token_file: str,
+    output: str | None,
     skip_checks: bool,
 ) -> None:
     """Set Fabrik up: where it runs, the first project, LLM keys; check; print how to start.
 
-    Writes config.yaml, llm.env and hcloud-token (mode 0600) to the configuration directory
-    ($FABRIK_HOME, else $XDG_CONFIG_HOME/fabrik, else ~/.config/fabrik). docs/quickstart.md.
+    Writes config.yaml, llm.env, token and hcloud-token (mode 0600) to the configuration
+    directory ($FABRIK_HOME, else $XDG_CONFIG_HOME/fabrik, else ~/.config/fabrik). The other
+    commands take config.yaml's gateway URL, token, project and output format as defaults; their
+    flags and FABRIK_* variables come first. docs/quickstart.md.
     """
     environ = dict(os.environ)
     answers = Answers(
@@ -137,6 +196,11 @@ def init(
         ssh_public_key=ssh_key,
         allowed_cidrs=list(allow_cidr),
         infra_file=infra_file,
+        image_registry=image_registry,
+        api_url=api_url,
+        token=token,
+        token_file=token_file,
+        output=output or "",
     )
     if not non_interactive:
         _ask(answers, environ)

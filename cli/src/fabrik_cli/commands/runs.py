@@ -13,7 +13,16 @@ from typing import Any, get_args
 import click
 
 from fabrik_cli.client import ApiClient, ApiError
-from fabrik_cli.commands.common import api_option, emit, err, open_client, out, output_option, status_line
+from fabrik_cli.commands.common import (
+    api_option,
+    emit,
+    err,
+    open_client,
+    out,
+    output_option,
+    project_required,
+    status_line,
+)
 from fabrik_cli.errors import EXIT_FAILURE, CliError
 from fabrik_cli.output import (
     OutputFormat,
@@ -29,6 +38,7 @@ from fabrik_cli.output import (
     runs_table,
 )
 from fabrik_cli.submit import RunOptions, build_run_request, flag_for
+from fabrik_cli.userconfig import ENV_PROJECT, default_project
 from fabrik_cli.watch import RunWatcher, is_terminal
 from fabrik_common.events import RunState
 
@@ -106,7 +116,16 @@ wait_timeout_option = click.option(
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--project", "-p", required=True, help="Project (a DNS-1123 label, e.g. `web-shop`).")
+@click.option(
+    "--project",
+    "-p",
+    callback=project_required,
+    envvar=ENV_PROJECT,
+    show_envvar=True,
+    default=default_project,
+    show_default="config.yaml's `project`",
+    help="Project (a DNS-1123 label, e.g. `web-shop`).",
+)
 @click.option("--env", "-e", "env", default=None, help="Project environment. [default (API): dev]")
 @click.option(
     "--spec",

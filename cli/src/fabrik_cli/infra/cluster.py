@@ -37,7 +37,7 @@ from hcloud.servers import BoundServer
 from hcloud.ssh_keys import BoundSSHKey
 
 from fabrik_cli.infra import cloudinit
-from fabrik_cli.infra.config import InfraConfig
+from fabrik_cli.infra.config import InfraConfig, merge_values
 
 PREFIX: Final = "fabrik.sh/"
 CLUSTER: Final = PREFIX + "cluster"
@@ -380,6 +380,23 @@ class Cluster:
 
     # -- apply ------------------------------------------------------------------------------
 
+    def platform_install(self, lb_public: str) -> cloudinit.PlatformInstall | None:
+        """The umbrella chart and its values: the values files, then what this cluster implies
+        (the registry, chart-made keys, the API server's addresses kept out of run egress), then
+        the file's own `values`."""
+        platform = self.spec.platform
+        if platform is None:
+            return None
+        implied = {
+            "global": {"imageRegistry": platform.image_registry.strip()},
+            "secrets": {"runKey": {"create": True}, "envKey": {"create": True}},
+            "network": {
+                "apiServerCIDRs": [self.spec.network.ip_range, *([f"{lb_public}/32"] if lb_public else [])]
+            },
+        }
+        values = merge_values(merge_values(self.config.platform_values or {}, implied), platform.values)
+        return cloudinit.PlatformInstall(platform.chart, self.config.chart_version, values)
+
     def wait(self, actions: Sequence[Any]) -> None:
         for action in actions:
             if action is None:
@@ -565,6 +582,7 @@ class Cluster:
                     join_address=lb_private,
                     tls_sans=tuple(x for x in (lb_public, lb_private) if x),
                     node_labels=(f"{POOL}={desired.pool}", f"{ROLE}={desired.role}"),
+                    platform=self.platform_install(lb_public) if role == "init" else None,
                 )
                 self.echo(f"+ server {desired.name} ({desired.server_type}, {role})")
                 try:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from ipaddress import IPv4Network, ip_network
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import msgspec
+import yaml
 
 LOCATIONS: Final = ("nbg1", "fsn1", "hel1", "ash")
 NETWORK_ZONES: Final = {"nbg1": "eu-central", "fsn1": "eu-central", "hel1": "eu-central", "ash": "us-east"}
@@ -22,6 +24,19 @@ K3S_VERSION: Final = re.compile(r"^v1\.\d+\.\d+(-rc\d+)?\+k3s\d+$")
 FLOATING_VERSIONS: Final = ("latest", "stable", "testing")
 LB_TYPES: Final = ("lb11", "lb21", "lb31")
 MAX_NAME: Final = 40  # leaves room for "-<pool>-<n>" within a 63-character host name
+# The umbrella chart as `helm package` (after `helm dependency build`) and `helm push` publish it
+# at each release, under the Fabrik version (docs/infra.md#the-platform).
+DEFAULT_CHART: Final = "oci://ghcr.io/fabrik-sh/charts/fabrik"
+CHART_VERSION: Final = re.compile(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$")
+DEFAULT_VALUES_FILES: Final = ("charts/fabrik/values-production.yaml",)
+
+
+def fabrik_version() -> str:
+    """This CLI's Fabrik version: the chart version a cluster gets unless the file pins another."""
+    try:
+        return version("fabrik-cli")
+    except PackageNotFoundError:  # a source tree without installed metadata
+        return "0.1.0"
 
 
 class InfraFileError(Exception):
@@ -64,6 +79,16 @@ class LoadBalancerSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     type: str = "lb11"
 
 
+class PlatformSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The Fabrik platform the first control plane installs once k3s is up."""
+
+    image_registry: str
+    chart: str = DEFAULT_CHART
+    version: str = ""  # empty: this CLI's Fabrik version
+    values_files: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_VALUES_FILES))
+    values: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
 class InfraSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str
     location: str
@@ -76,6 +101,7 @@ class InfraSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     load_balancer: LoadBalancerSpec = LoadBalancerSpec()
     image: str = "ubuntu-24.04"
     ssh_private_key_file: str | None = None
+    platform: PlatformSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +111,11 @@ class InfraConfig:
     spec: InfraSpec
     path: Path
     public_keys: dict[str, str]  # key name -> OpenSSH public key
+    platform_values: dict[str, Any] | None = None  # platform.values_files merged in order
+
+    @property
+    def chart_version(self) -> str:
+        return (self.spec.platform.version if self.spec.platform else "") or fabrik_version()
 
     @property
     def name(self) -> str:
@@ -120,6 +151,55 @@ def _cidr_problems(field: str, values: list[str]) -> list[str]:
         except ValueError:
             problems.append(f"{field}[{i}]: must be a CIDR such as 203.0.113.0/24 (got {value!r})")
     return problems
+
+
+def merge_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's merge of values files: maps merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_values(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def platform_problems(spec: PlatformSpec, base: Path) -> tuple[list[str], dict[str, Any]]:
+    """The rules `platform` breaks, and its values files merged (read now: `apply` sends them)."""
+    problems: list[str] = []
+    if not spec.image_registry.strip() or "://" in spec.image_registry:
+        problems.append(
+            "platform.image_registry: required, the registry prefix of the fabrik-* images such as "
+            f"ghcr.io/acme/fabrik, without a scheme (got {spec.image_registry!r})"
+        )
+    if not spec.chart.startswith(("oci://", "https://")):
+        problems.append(
+            "platform.chart: must be an oci:// chart reference or an https:// URL of the packaged chart "
+            f"(got {spec.chart!r})"
+        )
+    if spec.version and (spec.version in FLOATING_VERSIONS or not CHART_VERSION.match(spec.version)):
+        problems.append(
+            f"platform.version: must be a released chart version such as 0.1.0 (got {spec.version!r})"
+        )
+    merged: dict[str, Any] = {}
+    for i, raw in enumerate(spec.values_files):
+        path = Path(raw).expanduser()
+        path = path if path.is_absolute() else base / path
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            problems.append(f"platform.values_files[{i}]: cannot read {path}: {exc.strerror}")
+            continue
+        except yaml.YAMLError as exc:
+            problems.append(f"platform.values_files[{i}]: {path} is not valid YAML: {exc}")
+            continue
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            problems.append(f"platform.values_files[{i}]: {path} must be a mapping of values")
+            continue
+        merged = merge_values(merged, data)
+    return problems, merged
 
 
 def validate(spec: InfraSpec, base: Path) -> tuple[list[str], dict[str, str]]:
@@ -243,9 +323,13 @@ def parse(text: bytes | str, path: Path) -> InfraConfig:
     except msgspec.DecodeError as exc:
         raise InfraFileError(path, [f"(file): not valid YAML: {exc}"]) from None
     problems, keys = validate(spec, path.parent)
+    values: dict[str, Any] | None = None
+    if spec.platform is not None:
+        more, values = platform_problems(spec.platform, path.parent)
+        problems += more
     if problems:
         raise InfraFileError(path, problems)
-    return InfraConfig(spec=spec, path=path, public_keys=keys)
+    return InfraConfig(spec=spec, path=path, public_keys=keys, platform_values=values)
 
 
 def load(path: Path) -> InfraConfig:
@@ -279,4 +363,10 @@ ssh_keys:
     public_key_file: ~/.ssh/id_ed25519.pub
 load_balancer:
   type: lb11
+platform:                         # installed by the first control plane once k3s is up (omit: do it yourself)
+  image_registry: registry.example.com/fabrik   # where the fabrik-* images are
+  # chart: oci://ghcr.io/fabrik-sh/charts/fabrik  # the packaged umbrella chart (the default)
+  # version: 0.1.0                # default: this CLI's Fabrik version
+  values_files: [charts/fabrik/values-production.yaml]   # relative to this file, merged in order
+  values: {}                      # merged last, e.g. {gateway: {replicaCount: 2}}
 """

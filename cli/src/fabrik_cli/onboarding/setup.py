@@ -6,12 +6,14 @@ the CLI's configuration directory — `$FABRIK_HOME`, else `$XDG_CONFIG_HOME/fab
 
 | file | mode | what |
 |---|---|---|
-| `config.yaml` | 0600 | where Fabrik runs, the first project, addresses (no secrets) |
+| `config.yaml` | 0600 | where Fabrik runs, the first project, addresses, the other commands' defaults |
+| `token` | 0600 | the API token given with `--token` (named by `token_file`) |
 | `llm.env` | 0600 | `FABRIK_LLM_OPENAI_API_KEY=...` / `FABRIK_LLM_ANTHROPIC_API_KEY=...` (when given) |
 | `hcloud-token` | 0600 | the Hetzner Cloud API token, read by `fabrik infra` when `$HCLOUD_TOKEN` is unset |
 
-For a new Hetzner cluster it also writes the cluster's `fabrik-infra.yaml` (never over an
-existing one).
+The other commands' defaults in `config.yaml` (`api_url`, `token_file`, `project`, `output`) are
+read by `fabrik_cli.userconfig`. For a new Hetzner cluster it also writes the cluster's
+`fabrik-infra.yaml` (never over an existing one).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -33,6 +36,7 @@ from fabrik_cli.doctor import DoctorOptions, run_doctor
 from fabrik_cli.infra import hetzner
 from fabrik_cli.infra.config import LOCATIONS, InfraFileError, parse
 from fabrik_cli.local import StackError, check_ports_free, plan_ports
+from fabrik_cli.userconfig import CONFIG_FILE, OUTPUT_FORMATS, TOKEN_FILE
 
 Target = Literal["local", "cluster", "hetzner"]
 TARGETS: Final[tuple[Target, ...]] = ("local", "cluster", "hetzner")
@@ -42,7 +46,6 @@ TARGET_HELP: Final = {
     "hetzner": "a new k3s cluster on Hetzner Cloud (fabrik infra)",
 }
 DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-CONFIG_FILE: Final = "config.yaml"
 LLM_ENV_FILE: Final = "llm.env"
 K3S_DEFAULT: Final = "v1.31.4+k3s1"
 
@@ -68,6 +71,12 @@ class Answers:
     allowed_cidrs: list[str] = field(default_factory=list)
     infra_file: str = "fabrik-infra.yaml"
     k3s_version: str = K3S_DEFAULT
+    image_registry: str = ""  # set: the cluster installs the platform (the file's `platform`)
+    # what the other commands take as defaults (fabrik_cli.userconfig)
+    api_url: str = ""  # empty: the local stack's gateway, found by its state file
+    token: str = ""  # stored in <config dir>/token (0600), named by token_file
+    token_file: str = ""
+    output: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,16 @@ def problems(answers: Answers) -> list[str]:
             )
     if not 0 <= answers.port_base <= 50000:
         out.append(f"--port-base: must be between 0 and 50000 (got {answers.port_base})")
+    if answers.api_url:
+        parts = urlsplit(answers.api_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            out.append(f"--api: must be an http:// or https:// URL of the gateway (got {answers.api_url!r})")
+    if answers.token and answers.token_file:
+        out.append("--token, --token-file: give one of them")
+    if answers.token_file and not Path(answers.token_file).expanduser().is_file():
+        out.append(f"--token-file: no such file (got {answers.token_file!r})")
+    if answers.output and answers.output not in OUTPUT_FORMATS:
+        out.append(f"--output: must be one of {', '.join(OUTPUT_FORMATS)} (got {answers.output!r})")
     return out
 
 
@@ -266,6 +285,8 @@ def infra_document(answers: Answers) -> str:
         "ssh_keys": [{"name": f"{answers.cluster_name}-ops", "public_key_file": answers.ssh_public_key}],
         "load_balancer": {"type": "lb11"},
     }
+    if answers.image_registry:
+        doc["platform"] = {"image_registry": answers.image_registry}
     return "# written by `fabrik init`; see docs/infra.md\n" + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -289,6 +310,17 @@ def write(answers: Answers, environ: Mapping[str, str], *, cwd: Path | None = No
         config["openai_base_url"] = answers.openai_base_url
     if answers.nats_url:
         config["nats_url"] = answers.nats_url
+    if answers.api_url:
+        config["api_url"] = answers.api_url
+    if answers.output:
+        config["output"] = answers.output
+    if answers.token:
+        token_path = directory / TOKEN_FILE
+        write_private(token_path, answers.token.strip() + "\n")
+        files.append(token_path)
+        config["token_file"] = str(token_path)
+    elif answers.token_file:
+        config["token_file"] = str(Path(answers.token_file).expanduser().resolve())
     env_lines = []
     if answers.openai_api_key:
         env_lines.append(f"FABRIK_LLM_OPENAI_API_KEY={shlex.quote(answers.openai_api_key)}")
