@@ -12,7 +12,9 @@ every message at its sequence (count, last sequence, and a digest of every messa
 the resident memory before and at the peak of each phase (sampled every 20 ms), so flat memory
 shows as a peak that does not grow with N, and the CPU seconds of this process and of the
 nats-server in each phase (on a busy machine, wall time above their sum divided by the cores is
-time spent waiting for a CPU). Exits non-zero when the restore does not match.
+time spent waiting for a CPU). Baselines from the same run: the fill's MB/s (pipelined publishes
+of the same messages) and a bulk read of the source with a digest. Exits non-zero when the restore
+does not match.
 """
 
 from __future__ import annotations
@@ -132,10 +134,15 @@ async def main(events: int) -> int:
     dest = NatsServer(root / "dest")
     source.start()
     dest.start()
+    begun = time.monotonic()
     try:
         started = time.monotonic()
         data_bytes = await fill(source.url, events)
-        print(f"filled {events:,} events, {mib(data_bytes)} in {time.monotonic() - started:.1f} s")
+        fill_s = time.monotonic() - started
+        print(
+            f"filled {events:,} events, {mib(data_bytes)} in {fill_s:.1f} s "
+            f"(baseline, pipelined publish: {data_bytes / fill_s / 1e6:.1f} MB/s)"
+        )
         target = DirectoryTarget(root / "archive")
 
         nc = await jsapi.connect_raw(source.url)
@@ -171,12 +178,19 @@ async def main(events: int) -> int:
         print(f"load average: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
         print(f"ru_maxrss (whole run, incl. fill and check): {mib(_maxrss())}")
 
+        started = time.monotonic()
         original = await digest(source.url)
+        read_s = time.monotonic() - started
+        print(
+            f"baseline, bulk read of the source with a digest: {read_s:.1f} s  "
+            f"{data_bytes / read_s / 1e6:.1f} MB/s"
+        )
         restored = await digest(dest.url)
         if original != restored or original[0] != events:
             print(f"MISMATCH: source {original}, restored {restored}", file=sys.stderr)
             return 1
         print(f"restored stream identical: {restored[0]:,} messages, sha256 {restored[1][:16]}…")
+        print(f"total: {time.monotonic() - begun:.1f} s (backup + restore {backup_s + restore_s:.1f} s)")
         return 0
     finally:
         source.stop()

@@ -1,5 +1,6 @@
 """The backup service as a process: request/reply verbs, a backup killed half way and resumed by
-the restarted service, verify, point-in-time restore, cancel, deadline, delete, events."""
+the restarted service, verify, point-in-time restore, cancel, deadline, delete, events; a restore
+into a fresh server killed half way and finished by the restarted service."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import pytest
 from nats.aio.client import Client
 
 from fabrik_backup import jsapi
+from fabrik_backup.compare import read_stream, same_message
+from fabrik_backup.engine import BackupOptions, run_backup
+from fabrik_backup.targets import DirectoryTarget
 from fabrik_common import backup_rpc as rpc
 from fabrik_common.backup_rpc import (
     CancelRequest,
@@ -35,6 +39,7 @@ from fabrik_common.backup_rpc import (
     RpcError,
     VerifyRequest,
 )
+from fabrik_common.natsserver import NatsServer
 from fabrik_common.testing import NatsServerLike, ServiceProcess
 from fabrik_common.topology import ensure_topology
 
@@ -224,3 +229,114 @@ async def test_backup_service_end_to_end(
             restarted.terminate(timeout=15)
     finally:
         await nc.close()
+
+
+async def assert_same_streams(source: jsapi.RawClient, dest: jsapi.RawClient, names: list[str]) -> None:
+    """Configuration, state, durable consumers and every message (sequence, subject, header block,
+    payload) of `names` are the same on both servers; both are read with bulk pulls side by side."""
+    for name in names:
+        a, b = await jsapi.stream_info(source, name), await jsapi.stream_info(dest, name)
+        assert a is not None and b is not None, name
+        assert b["config"] == a["config"], name
+        volatile = ("first_ts", "last_ts", "consumer_count")
+        assert {k: v for k, v in b["state"].items() if k not in volatile} == {
+            k: v for k, v in a["state"].items() if k not in volatile
+        }, name
+        consumers_a = {c["name"]: c for c in await jsapi.consumers(source, name)}
+        consumers_b = {c["name"]: c for c in await jsapi.consumers(dest, name)}
+        assert set(consumers_b) == set(consumers_a), name
+        for consumer, info in consumers_a.items():
+            restored = consumers_b[consumer]
+            assert restored["ack_floor"]["stream_seq"] == info["ack_floor"]["stream_seq"], consumer
+            assert restored["delivered"]["stream_seq"] == info["delivered"]["stream_seq"], consumer
+            assert restored["num_pending"] == info["num_pending"], consumer
+            assert restored["config"] == info["config"], consumer
+        theirs = read_stream(dest, name)
+        count = 0
+        async for expected in read_stream(source, name):
+            actual = await anext(theirs, None)
+            assert actual is not None and same_message(expected, actual), (name, expected.seq)
+            count += 1
+        assert await anext(theirs, None) is None, name
+        assert count == a["state"]["messages"], name
+
+
+async def test_restore_killed_half_way_is_taken_over_and_exact(
+    nats_server: NatsServerLike, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Disaster recovery into a fresh server: the backup service is SIGKILLed while it restores,
+    the restarted service takes the operation over (the interrupted stream is redone) and the
+    result equals the source exactly, consumers' ack floors included."""
+    await fill(nats_server.url)
+    source = await jsapi.connect_raw(nats_server.url)
+    try:
+        await jsapi.create_consumer(
+            source, "DATA", {"durable_name": "worker", "ack_policy": "explicit", "max_ack_pending": 1}
+        )
+        await jsapi.create_consumer(source, "DATA", {"durable_name": "idle", "ack_policy": "explicit"})
+        psub = await source.jetstream().pull_subscribe_bind("worker", "DATA")
+        for _ in range(25):
+            for msg in await psub.fetch(1, timeout=5):
+                await msg.ack_sync()
+        await psub.unsubscribe()
+        streams = ["DATA", "KV_settings"]
+        await run_backup(
+            source,
+            DirectoryTarget(tmp_path / "archives"),
+            "dr",
+            BackupOptions(streams=streams, chunk_max_messages=500),
+        )
+
+        fresh = NatsServer(tmp_path / "fresh-nats")
+        fresh.start()
+        env = {**service_env, "FABRIK_NATS_URL": fresh.url}
+        first = ServiceProcess("fabrik_backup", env, log_path=tmp_path / "restore-1.log")
+        first.start()
+        dest = await jsapi.connect_raw(fresh.url)
+        nc = await nats.connect(fresh.url)
+        restarted: ServiceProcess | None = None
+        try:
+            op = await operation(nc, rpc.RESTORE, RestoreRequest(backup_id="dr", actor="ops"))
+            deadline = time.monotonic() + 30
+            while True:
+                info = await jsapi.stream_info(dest, "DATA")
+                # Early in the stream, so that a slow poll on a loaded machine still kills it half way.
+                if info is not None and info["state"]["messages"] >= 1000:
+                    break
+                assert time.monotonic() < deadline, "restore made no progress"
+                await asyncio.sleep(0.002)
+            assert first.proc is not None
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait(10)
+            half = await jsapi.stream_info(dest, "DATA")
+            assert half is not None and half["state"]["messages"] < MESSAGES, "killed too late"
+            # The dead process left its operation running, to be taken over.
+            entry = await (await nc.jetstream().key_value("backups")).get(f"op.{op.operation_id}")
+            assert entry.value is not None
+            assert msgspec.json.decode(entry.value, type=Operation).state == "running"
+
+            # Another replica (a new pod's name) takes it over once its heartbeat is stale.
+            restarted = ServiceProcess(
+                "fabrik_backup",
+                {**env, "FABRIK_INSTANCE_ID": "backup-2"},
+                log_path=tmp_path / "restore-2.log",
+            )
+            restarted.start()
+            done = await finished(nc, op.operation_id, within=90)
+            assert (done.state, done.attempts) == ("succeeded", 2), done
+            await assert_same_streams(source, dest, streams)
+            kv = await nc.jetstream().key_value("settings")
+            assert ((await kv.get("k")).value, (await kv.get("k")).revision) == (b"4", 5)
+            listed = await call(nc, rpc.LIST, ListRequest(), ListResponse)
+            assert isinstance(listed, ListResponse)
+            assert all(o.state in rpc.TERMINAL_STATES for o in listed.operations), listed.operations
+        finally:
+            await nc.close()
+            await dest.close()
+            if restarted is not None:
+                restarted.terminate(timeout=15)
+            if first.proc is not None and first.proc.poll() is None:
+                first.kill()
+            fresh.stop()
+    finally:
+        await source.close()

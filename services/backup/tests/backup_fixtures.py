@@ -140,3 +140,47 @@ async def object_contents(url: str, bucket: str) -> dict[str, bytes]:
         return out
     finally:
         await nc.close()
+
+
+async def assert_same_servers(source: RawClient, dest: RawClient) -> int:
+    """Every stream of `source` is on `dest` with the same configuration, state, durable consumers
+    (ack floor, delivered, pending) and messages — sequence, subject, header block and payload,
+    byte for byte. Both servers are read side by side with bulk pulls, so a difference names its
+    stream and sequence. Returns the number of messages compared."""
+    names = await jsapi.stream_names(source)
+    assert sorted(await jsapi.stream_names(dest)) == sorted(names)
+    compared = 0
+    for name in names:
+        a, b = await jsapi.stream_info(source, name), await jsapi.stream_info(dest, name)
+        assert a is not None and b is not None, name
+        assert b["config"] == a["config"], name
+        assert {k: v for k, v in b["state"].items() if k not in VOLATILE_STATE} == {
+            k: v for k, v in a["state"].items() if k not in VOLATILE_STATE
+        }, name
+        consumers = [
+            {
+                c["name"]: (
+                    c["config"],
+                    c["ack_floor"]["stream_seq"],
+                    c["delivered"]["stream_seq"],
+                    c["num_pending"],
+                )
+                for c in await jsapi.consumers(client, name)
+                if (c.get("config") or {}).get("durable_name")
+            }
+            for client in (source, dest)
+        ]
+        assert consumers[1] == consumers[0], name
+        restored = read_stream(dest, name)
+        async for expected in read_stream(source, name):
+            actual = await anext(restored, None)
+            assert actual is not None, f"{name}: restored stream ends before {expected.seq}"
+            assert (actual.seq, actual.subject, actual.data) == (
+                expected.seq,
+                expected.subject,
+                expected.data,
+            )
+            assert without_conditions(actual.headers) == without_conditions(expected.headers), actual.seq
+            compared += 1
+        assert await anext(restored, None) is None, f"{name}: restored stream has more messages"
+    return compared

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from backup_fixtures import kv_contents, object_contents, populate, server_snapshot, stream_snapshot
+from nats.js import api
 
 from fabrik_backup import jsapi
 from fabrik_backup.archive.format import ArchiveError
@@ -130,6 +133,73 @@ async def test_restore_replaces_only_named_streams(
             await restore(dest, target, manifest, streams=["DATA"])
         await restore(dest, target, manifest, streams=["DATA"], replace=["DATA"])
         assert (await stream_snapshot(dest, "DATA")).digest == (await stream_snapshot(source, "DATA")).digest
+    finally:
+        await source.close()
+        await dest.close()
+
+
+async def test_restored_consumers_match_the_source_and_are_fast(
+    nats_server: NatsServerLike, fresh_server: NatsServer, tmp_path: Path
+) -> None:
+    """Consumers of every acknowledgement kind come back at their ack floor with the same pending
+    count and configuration — including one that may hold a single unacknowledged message (the
+    scheduler's `max_ack_pending=1`), which must not cost a fetch timeout per message."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=10.0)
+    await js.add_stream(api.StreamConfig(name="USAGE", subjects=["usage.>"]))
+    for i in range(600):
+        await js.publish(f"usage.{'a' if i % 3 else 'b'}", str(i).encode())
+    # name: (server configuration, messages taken and acknowledged before the backup)
+    consumers: dict[str, tuple[dict[str, Any], int]] = {
+        "one-at-a-time": ({"ack_policy": "explicit", "max_ack_pending": 1, "max_deliver": 10}, 250),
+        "ack-all": ({"ack_policy": "all", "max_batch": 7}, 321),
+        "no-ack": ({"ack_policy": "none"}, 90),
+        "filtered": ({"ack_policy": "explicit", "filter_subject": "usage.b", "max_ack_pending": 5}, 40),
+        "untouched": ({"ack_policy": "explicit"}, 0),
+    }
+    raw = await jsapi.connect_raw(nats_server.url)
+    try:
+        for name, (config, _count) in consumers.items():
+            await jsapi.create_consumer(raw, "USAGE", {**config, "durable_name": name})
+    finally:
+        await raw.close()
+    for name, (config, count) in consumers.items():
+        psub = await js.pull_subscribe_bind(name, "USAGE")
+        taken = 0
+        while taken < count:
+            batch = min(count - taken, 5, int(config.get("max_ack_pending", 5)))
+            for msg in await psub.fetch(batch, timeout=5):
+                taken += 1
+                policy = config["ack_policy"]
+                if policy == "explicit" or (policy == "all" and taken == count):
+                    await msg.ack_sync()
+        await psub.unsubscribe()
+    await nc.close()
+
+    source = await jsapi.connect_raw(nats_server.url)
+    dest = await jsapi.connect_raw(fresh_server.url)
+    target = DirectoryTarget(tmp_path / "archives")
+    try:
+        manifest = await run_backup(source, target, "c1", BackupOptions(streams=["USAGE"]))
+        started = time.monotonic()
+        await restore(dest, target, manifest)
+        elapsed = time.monotonic() - started
+        before = {c["name"]: c for c in await jsapi.consumers(source, "USAGE")}
+        after = {c["name"]: c for c in await jsapi.consumers(dest, "USAGE")}
+        assert set(after) == set(before) == set(consumers)
+        for name, info in before.items():
+            restored = after[name]
+            for field in ("num_pending", "num_ack_pending", "num_waiting"):
+                assert restored[field] == info[field], (name, field)
+            assert restored["ack_floor"]["stream_seq"] == info["ack_floor"]["stream_seq"], name
+            assert restored["delivered"]["stream_seq"] == info["delivered"]["stream_seq"], name
+            assert {k: v for k, v in restored["config"].items() if k != "created"} == {
+                k: v for k, v in info["config"].items() if k != "created"
+            }, name
+        assert before["one-at-a-time"]["ack_floor"]["stream_seq"] == 250
+        assert before["filtered"]["num_pending"] == 200 - 40
+        assert elapsed < 5, f"restoring five consumers took {elapsed:.1f} s"
+        assert await stream_snapshot(dest, "USAGE") == await stream_snapshot(source, "USAGE")
     finally:
         await source.close()
         await dest.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -31,7 +32,14 @@ import msgspec
 from nats.aio.subscription import Subscription
 
 from fabrik_backup import jsapi
-from fabrik_backup.archive.format import ArchiveError, Manifest, Record, StreamEntry, decode_chunk
+from fabrik_backup.archive.format import (
+    ArchiveError,
+    ConsumerEntry,
+    Manifest,
+    Record,
+    StreamEntry,
+    decode_chunk,
+)
 from fabrik_backup.jsapi import RawClient
 from fabrik_backup.targets.base import Target
 
@@ -347,8 +355,7 @@ async def restore_stream(
             if fillers_pending:
                 await jsapi.purge_stream(nc, entry.name, filter=gap_subject)
                 fillers_pending = 0
-            await jsapi.create_consumer(nc, entry.name, consumer.config)
-            await _ack_through(nc, entry.name, consumer.name)
+            await _ack_through(nc, entry.name, consumer)
             created.add(consumer.name)
 
     async def load(index: int) -> list[Record]:
@@ -413,21 +420,114 @@ async def restore_stream(
     return result
 
 
-async def _ack_through(nc: RawClient, stream: str, name: str) -> None:
-    """Acknowledge every message the consumer has pending (the stream holds nothing past its floor)."""
-    js = nc.jetstream(timeout=30.0)
-    sub = await js.pull_subscribe_bind(durable=name, stream=stream)
+_CATCH_UP_BATCH = 10_000
+
+
+def _catch_up_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The consumer's configuration while it is advanced to its ack floor: no limit on
+    unacknowledged messages or on the size of a pull, and not paused. With the original limits a
+    consumer such as `max_ack_pending=1` would hand out one message per round trip."""
+    relaxed = {k: v for k, v in config.items() if k not in ("max_batch", "max_bytes", "pause_until")}
+    relaxed["max_ack_pending"] = -1
+    return relaxed
+
+
+class _Pull:
+    """`no_wait` pull requests, one at a time: the server sends what it has, up to the batch, then
+    a status (404 when there is nothing more) instead of holding the request open until it
+    expires. Each request has its own reply subject, so a late status of an earlier one cannot
+    end it."""
+
+    def __init__(self, nc: RawClient, stream: str, name: str) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.name = name
+        self.inbox = nc.new_inbox()
+        self.current = b""
+        self.replies: list[bytes] = []
+        self.ended = asyncio.Event()
+        self.wanted = 0
+        self.count = 0
+        self.sub: Subscription | None = None
+
+    def sink(self, subject: bytes, reply: bytes, _data: bytes, headers: bytes) -> None:
+        # Deliveries carry the message's own subject; a status carries the request's reply subject.
+        if reply:
+            self.replies.append(reply)
+            if len(self.replies) >= self.wanted:
+                self.ended.set()
+        elif subject == self.current and not (headers or b"").startswith(b"NATS/1.0 100"):
+            self.ended.set()
+
+    async def start(self) -> None:
+        self.sub = await self.nc.fast_subscribe(f"{self.inbox}.*", self.sink)
+
+    async def stop(self) -> None:
+        if self.sub is not None:
+            await self.nc.fast_unsubscribe(self.sub)
+
+    async def next(self, batch: int) -> list[bytes]:
+        self.count += 1
+        reply = f"{self.inbox}.{self.count}"
+        self.current, self.replies, self.wanted = reply.encode(), [], batch
+        self.ended.clear()
+        body = json.dumps({"batch": batch, "no_wait": True}).encode()
+        await self.nc.publish(f"{jsapi.API}.CONSUMER.MSG.NEXT.{self.stream}.{self.name}", body, reply=reply)
+        try:
+            await asyncio.wait_for(self.ended.wait(), 30.0)
+        except TimeoutError as exc:
+            raise RestoreError(f"{self.stream}: consumer {self.name} did not answer a pull request") from exc
+        return self.replies
+
+
+async def _ack_through(nc: RawClient, stream: str, consumer: ConsumerEntry) -> None:
+    """Create the consumer and acknowledge every message it has pending (the stream holds nothing
+    past its floor), then give it back its own configuration."""
+    name = consumer.name
+    await jsapi.create_consumer(nc, stream, _catch_up_config(consumer.config))
+    policy = consumer.config.get("ack_policy", "explicit")
+    info_subject = f"{jsapi.API}.CONSUMER.INFO.{stream}.{name}"
+    pull = _Pull(nc, stream, name)
+    await pull.start()
+    deadline = time.monotonic() + 60.0
     try:
-        info = await jsapi.request(nc, f"{jsapi.API}.CONSUMER.INFO.{stream}.{name}")
-        pending = int(info.get("num_pending", 0))
-        while pending > 0:
-            msgs = await sub.fetch(batch=min(500, pending), timeout=10.0)
-            for msg in msgs:
-                _seq, _ts, pending = jsapi.ack_metadata(msg.reply)
-                await nc.publish(msg.reply, b"+ACK")
-        await nc.flush()
+        while True:
+            replies = await pull.next(_CATCH_UP_BATCH)
+            # `all` acknowledges everything up to the message acked; `none` needs no ack at all.
+            if policy == "explicit":
+                for reply in replies:
+                    await nc.send_raw(reply.decode(), b"+ACK", None, "")
+            elif policy == "all" and replies:
+                await nc.send_raw(replies[-1].decode(), b"+ACK", None, "")
+            await nc.flush()
+            if len(replies) == _CATCH_UP_BATCH:
+                continue
+            # Acks are applied by the server after they are sent: done once none is outstanding.
+            info = await jsapi.request(nc, info_subject)
+            pending, unacked = int(info.get("num_pending", 0)), int(info.get("num_ack_pending", 0))
+            if pending == 0 and unacked == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RestoreError(
+                    f"{stream}: consumer {name} still has {unacked} unacknowledged "
+                    f"and {pending} pending messages at its ack floor"
+                )
+            if not replies:
+                await asyncio.sleep(0.005)
     finally:
-        await sub.unsubscribe()
+        await pull.stop()
+    await jsapi.create_consumer(nc, stream, consumer.config)
+    floor = int((info.get("ack_floor") or {}).get("stream_seq", 0))
+    if floor != consumer.ack_floor_stream_seq:
+        log.warning(
+            "consumer restored at another ack floor",
+            extra={
+                "stream": stream,
+                "consumer": name,
+                "floor": floor,
+                "archived": consumer.ack_floor_stream_seq,
+            },
+        )
 
 
 def select_streams(manifest: Manifest, names: Sequence[str] | None) -> list[StreamEntry]:
