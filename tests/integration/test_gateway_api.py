@@ -432,6 +432,12 @@ async def test_cancel_and_resume_follow_the_state(api: Api) -> None:
     problem = assert_problem(await api.http.post(f"/api/v1/runs/{running.run_id}/resume"), 409)
     assert "running" in problem["detail"]
     assert_problem(await api.http.post(f"/api/v1/runs/{finished.run_id}/resume"), 409)
+    # An imported run, failed as it may be, has no workspace or image digest to resume from.
+    imported = msgspec.structs.replace(run_record("failed"), requested_by="import:smithers:admin")
+    await api.put_and_wait(imported)
+    problem = assert_problem(await api.http.post(f"/api/v1/runs/{imported.run_id}/resume"), 409)
+    assert "was imported (import:smithers:admin)" in problem["detail"]
+    assert "an imported run has no workspace or image digest to resume from" in problem["detail"]
     assert await api.runs_stream_count() == 0
 
     accepted = await api.http.post(f"/api/v1/runs/{running.run_id}/cancel", json={"reason": "not needed"})

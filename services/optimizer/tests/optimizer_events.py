@@ -10,12 +10,14 @@ from fabrik_common.events import (
     Resources,
     RunDispatched,
     RunFinished,
+    RunImported,
     RunParameters,
     RunRequested,
     RunStarted,
     RunStateChanged,
 )
 from fabrik_common.ids import new_ulid
+from fabrik_common.portable import PortableOrigin, PortableRun, PortableRunAttempt, TerminalState
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SMALL = Resources(cpu_request="500m", memory_request="1Gi", cpu_limit="2", memory_limit="4Gi")
@@ -144,3 +146,64 @@ def usage(
         outcome="ok",
         occurred_at=when,
     )
+
+
+def imported_run(
+    run_id: str | None = None,
+    *,
+    project: str = "legacy",
+    spec_id: str = "nightly-refactor",
+    outcome: TerminalState = "failed",
+    start: float = 0.0,
+) -> list[Any]:
+    """An imported run as it reaches the RUNS stream: the gateway's `run.imported` with the document
+    (requested at `start`, two attempts, the second from +120 s to +330 s), then the scheduler's
+    announcement of the record it created, as `fabrik_scheduler.imports.state_event` makes it."""
+    rid = run_id or new_ulid()
+    reason = None if outcome == "succeeded" else "workload_error"
+    document = PortableRun(
+        run_id=rid,
+        project=project,
+        env="prod",
+        spec=spec_id,
+        spec_path=f"specs/{spec_id}.json",
+        requested_at=at(start),
+        started_at=at(start + 30),
+        finished_at=at(start + 330),
+        state=outcome,
+        reason=reason,
+        message="imported",
+        attempts=[
+            PortableRunAttempt(
+                attempt=1, started_at=at(start + 30), finished_at=at(start + 100), outcome="failed"
+            ),
+            PortableRunAttempt(
+                attempt=2,
+                started_at=at(start + 120),
+                finished_at=at(start + 330),
+                outcome=outcome,
+                reason=reason,
+            ),
+        ],
+        origin=PortableOrigin(system="smithers", source_run_id=f"r-{rid[-4:]}", source="smithers.db"),
+    )
+    return [
+        RunImported(
+            run_id=rid,
+            project=project,
+            run=document,
+            imported_by="admin",
+            occurred_at=T0 + timedelta(days=30),
+        ),
+        RunStateChanged(
+            run_id=rid,
+            project=project,
+            attempt=2,
+            from_state=None,
+            to_state=outcome,
+            reason=reason,
+            message="imported",
+            revision=1,
+            occurred_at=at(start + 330),
+        ),
+    ]

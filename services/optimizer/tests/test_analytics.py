@@ -7,17 +7,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
-from optimizer_events import T0, at, run_lifecycle, usage
+from optimizer_events import T0, at, imported_run, run_lifecycle, usage
 from optimizer_stores import Stores
 
 from fabrik_common.events import RunStateChanged
 from fabrik_common.ids import new_ulid
 from fabrik_common.settings import SettingsError, load_settings
-from fabrik_optimizer.analytics.ingest import apply_llm_usage, apply_run_event
+from fabrik_optimizer.analytics.ingest import IMPORTED_BACKEND, Costing, apply_llm_usage, apply_run_event
 from fabrik_optimizer.analytics.queries import costs, duration_p95, percentile, success_rate, wilson_interval
-from fabrik_optimizer.analytics.store import SCHEMA_VERSION, AnalyticsStore, PostgresLocation
+from fabrik_optimizer.analytics.store import SCHEMA_VERSION, AnalyticsStore, PostgresLocation, iso
+from fabrik_optimizer.prices import PriceBook
 from fabrik_optimizer.settings import OptimizerSettings
 
 GPT = (2.50, 10.00, 1.25, 3.75)  # USD per million: input, output, cache read, cache write
@@ -30,12 +32,12 @@ def store(stores: Stores) -> AnalyticsStore:
     return stores.open()
 
 
-def ingest(store: AnalyticsStore, events: list[Any]) -> None:
+def ingest(store: AnalyticsStore, events: list[Any], costing: Costing | None = None) -> None:
     for event in events:
         if hasattr(event, "call_id"):
             apply_llm_usage(store, event)
         else:
-            apply_run_event(store, event)
+            apply_run_event(store, event, costing)
 
 
 def test_run_row_has_everything_the_events_say(store: AnalyticsStore) -> None:
@@ -147,6 +149,75 @@ def test_costs_add_up_exactly_including_cache_tokens(store: AnalyticsStore) -> N
 
     with pytest.raises(ValueError, match="group_by"):
         costs(store, "bogus")  # type: ignore[arg-type]
+
+
+def test_an_imported_run_is_folded_with_its_project_spec_outcome_and_times(
+    store: AnalyticsStore, tmp_path: Path
+) -> None:
+    # Costing on, with a priced node: an imported run still costs nothing here.
+    price_file = tmp_path / "prices.json"
+    price_file.write_text(
+        '{"nodes": {"n4": {"cores": 4, "memory_gib": 8,'
+        ' "prices": [{"valid_from": "2026-01-01", "hourly": 0.1}]}},'
+        ' "storage": [{"valid_from": "2026-01-01", "per_gb_month": 0.05}]}'
+    )
+    costing = Costing(prices=PriceBook.load(price_file), node_type="n4")
+    rid = new_ulid()
+    events = imported_run(rid, outcome="failed", start=600)
+    ingest(store, events, costing)
+    row = store.get_run(rid)
+    assert row is not None
+    assert (row["project"], row["env"], row["spec_id"]) == ("legacy", "prod", "nightly-refactor")
+    assert (row["state"], row["reason"], row["attempts"], row["state_revision"]) == (
+        "failed",
+        "workload_error",
+        2,
+        1,
+    )
+    assert row["created_at"] == row["queued_at"] == iso(at(600))
+    assert (row["started_at"], row["finished_at"]) == (iso(at(630)), iso(at(930)))
+    assert (row["queue_seconds"], row["run_seconds"], row["finished_day"]) == (30.0, 300.0, "2026-03-01")
+    assert row["backend"] == IMPORTED_BACKEND
+    assert (row["compute_cost_nanos"], row["storage_cost_nanos"], row["node_type"]) == (None, None, None)
+
+    # In the insights like any run of its spec and project.
+    ingest(store, imported_run(spec_id="nightly-refactor", outcome="succeeded", start=2000), costing)
+    [rate] = success_rate(store, "spec", min_runs=1)
+    assert (rate["spec"], rate["runs"], rate["successes"]) == ("nightly-refactor", 2, 1)
+    [p95] = duration_p95(store, "project", min_runs=1)
+    assert (p95["project"], p95["runs"], p95["run_seconds_p95"], p95["queue_seconds_p95"]) == (
+        "legacy",
+        2,
+        300.0,
+        30.0,
+    )
+
+    # Idempotent and order-tolerant: again, and the announcement before the document.
+    once = store.runs()
+    ingest(store, events, costing)
+    ingest(store, list(reversed(events)), costing)
+    assert store.runs() == once
+    fresh = new_ulid()
+    ingest(store, list(reversed(imported_run(fresh, start=600))), costing)
+    assert {k: v for k, v in (store.get_run(fresh) or {}).items() if k != "run_id"} == {
+        k: v for k, v in row.items() if k != "run_id"
+    }
+
+
+def test_an_import_never_overwrites_a_run_fabrik_recorded(store: AnalyticsStore) -> None:
+    """As the scheduler's KV create: a run of the same id stays as its own events made it."""
+    rid = new_ulid()
+    ingest(store, run_lifecycle(rid, outcome="succeeded"))
+    before = store.get_run(rid)
+    document, _announcement = imported_run(rid, outcome="failed")
+    assert not apply_run_event(store, document)
+    assert store.get_run(rid) == before
+
+    # An event whose document names another project or run is ignored, as the scheduler does.
+    other = new_ulid()
+    document, _announcement = imported_run(other)
+    assert not apply_run_event(store, msgspec.structs.replace(document, project="elsewhere"))
+    assert store.get_run(other) is None
 
 
 def test_wilson_interval_against_hand_computed_values() -> None:

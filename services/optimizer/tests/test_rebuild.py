@@ -17,13 +17,13 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
-from optimizer_events import run_lifecycle, usage
+from optimizer_events import imported_run, run_lifecycle, usage
 from optimizer_stores import Stores
 from prometheus_client import CollectorRegistry
 
 from fabrik_common import optimizer_rpc as rpc
 from fabrik_common.bus import Bus, BusOptions
-from fabrik_common.events import LlmUsage
+from fabrik_common.events import LlmUsage, RunStateChanged
 from fabrik_common.ids import new_ulid
 from fabrik_common.metrics import BusMetrics
 from fabrik_common.testing import running_service
@@ -44,6 +44,8 @@ def history(runs: int = 12) -> list[Any]:
         events.append(usage(model="gpt-4o", tokens=(100 * (i + 1), 50, 0, 0), prices=GPT, run_id=rid))
         events.append(usage(model="claude", tokens=(10, 5, 0, 0), prices=GPT, run_id=rid))
     events.append(usage(model="gpt-4o", tokens=(7, 7, 0, 0), prices=GPT))  # a call without a run
+    # Two runs imported from Smithers (`run.imported` and the scheduler's announcement).
+    events += imported_run(outcome="failed") + imported_run(outcome="succeeded", start=500)
     return events
 
 
@@ -89,12 +91,16 @@ def settings_for(nats_url: str, stores: Stores) -> OptimizerSettings:
 
 
 async def ingested(store: Callable[[], AnalyticsStore], events: list[Any]) -> None:
+    """Until every call is stored and every run row has folded its last state change."""
     calls = sum(isinstance(e, LlmUsage) for e in events)
-    runs = len({e.run_id for e in events if not isinstance(e, LlmUsage)})
+    revisions: dict[str, int] = {}
+    for e in events:
+        if isinstance(e, RunStateChanged):
+            revisions[e.run_id] = max(revisions.get(e.run_id, 0), e.revision)
     await until(
         lambda: (
             len(store().llm_calls()) == calls
-            and sum(r["state"] in ("succeeded", "failed") for r in store().runs()) == runs
+            and {r["run_id"]: r["state_revision"] for r in store().runs()} == revisions
         ),
         what="history ingested",
     )
@@ -119,10 +125,15 @@ async def test_a_rebuild_equals_the_incremental_store_and_swaps_in_whole(
             reply = await nc.request(rpc.REBUILD, rpc.encode(rpc.RebuildRequest(actor="t")), timeout=60)
             rebuilt = rpc.decode_response(reply.data, rpc.RebuildResponse)
             assert isinstance(rebuilt, rpc.RebuildResponse), rebuilt
-            assert (rebuilt.runs, rebuilt.llm_calls) == (12, 25)
+            assert (rebuilt.runs, rebuilt.llm_calls) == (14, 25)
             assert svc.state.store is not live  # swapped
             assert snapshot(svc.state.store) == before
-            assert reader.counts() == (12, 25)
+            imported = [r for r in svc.state.store.runs() if r["backend"] == "imported"]
+            assert sorted((r["spec_id"], r["state"], r["run_seconds"]) for r in imported) == [
+                ("nightly-refactor", "failed", 300.0),
+                ("nightly-refactor", "succeeded", 300.0),
+            ]
+            assert reader.counts() == (14, 25)
         finally:
             reader.close()
         # Nothing left behind: no rebuild file or schema, no old schema.

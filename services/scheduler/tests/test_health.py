@@ -20,6 +20,7 @@ from fabrik_common.events import (
     RunDispatched,
     RunFinished,
     RunHealthChanged,
+    RunImported,
     RunParameters,
     RunProgress,
     RunRequested,
@@ -28,9 +29,11 @@ from fabrik_common.events import (
     RunStateChanged,
 )
 from fabrik_common.ids import new_ulid
-from fabrik_common.runs import RunHealthRecord, RunRecord
+from fabrik_common.portable import PortableOrigin, PortableRun
+from fabrik_common.runs import RunHealthRecord, RunRecord, resume_refusal
 from fabrik_scheduler import health
 from fabrik_scheduler.health import HealthPolicy
+from fabrik_scheduler.imports import apply_import
 from fabrik_scheduler.scheduler import Scheduler
 from fabrik_scheduler.settings import SchedulerSettings
 
@@ -415,3 +418,35 @@ async def test_healing_off_flags_stalled_runs_without_touching_them() -> None:
     assert (r.state, r.attempt, r.health.state) == ("running", 1, "stalled")
     await w.progress(run_id, 1)
     assert w.scheduler.active[run_id].health.state == "healthy"
+
+
+async def test_an_imported_run_is_never_resumed() -> None:
+    """An imported run has no workspace or image digest here: a resume request that reaches the
+    scheduler (the gateway answers 409 first) changes nothing, whatever the run's state."""
+    w = World()
+    run_id = new_ulid()
+    document = PortableRun(
+        run_id=run_id,
+        project="legacy",
+        env="prod",
+        spec="fix",
+        requested_at=T0,
+        started_at=T0 + timedelta(seconds=1),
+        finished_at=T0 + timedelta(seconds=61),
+        state="failed",
+        reason="workload_error",
+        origin=PortableOrigin(system="smithers", source_run_id="run-failed"),
+    )
+    assert await apply_import(
+        w.store,  # type: ignore[arg-type]
+        w.out,
+        RunImported(run_id=run_id, project="legacy", run=document, imported_by="admin"),
+    )
+    before = await w.store.get(run_id)
+    assert before is not None and before.requested_by == "import:smithers:admin"
+    refusal = resume_refusal(before)
+    assert refusal is not None and "an imported run" in refusal
+    published = len(w.out.events)
+    await w.scheduler.handle(RunResumeRequested(run_id=run_id, requested_by="alice"))
+    assert await w.store.get(run_id) == before
+    assert len(w.out.events) == published and run_id not in w.scheduler.active

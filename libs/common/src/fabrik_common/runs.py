@@ -42,6 +42,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "budget_exceeded": frozenset(),
 }
 RESUMABLE_STATES: frozenset[str] = frozenset({"failed", "timed_out", "cancelled"})
+IMPORTED_BY_PREFIX = "import:"
+"""`requested_by` of a run recorded from an import (`import:<system>:<who>`, docs/migration.md)."""
 ACTIVE_STATES: frozenset[str] = frozenset({"starting", "running", "cancelling"})
 
 
@@ -56,6 +58,22 @@ def check_transition(current: str, target: str) -> None:
 
 def is_terminal(state: str) -> bool:
     return state in TERMINAL_STATES
+
+
+def resume_refusal(record: RunRecord) -> str | None:
+    """Why `record` cannot be resumed, naming the rule; None when it can. A resume continues the
+    run's workload from its own workspace volume with the same image digest: an imported run
+    never had either on this installation, whatever its state."""
+    if record.requested_by.startswith(IMPORTED_BY_PREFIX):
+        return (
+            f"run {record.run_id} was imported ({record.requested_by}); an imported run has no "
+            "workspace or image digest to resume from and cannot be resumed: submit a new run instead"
+        )
+    if record.state not in RESUMABLE_STATES:
+        return (
+            f"run {record.run_id} is {record.state}; only a failed, timed_out or cancelled run can be resumed"
+        )
+    return None
 
 
 TEMPLATES: dict[str, Resources] = {

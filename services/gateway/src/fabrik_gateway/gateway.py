@@ -19,7 +19,7 @@ from fabrik_common.bus import Bus, PublishError
 from fabrik_common.envs import EnvKeyMissingError, require_key_if_used
 from fabrik_common.events import TERMINAL_STATES, Event, RunCancelRequested, RunRequested, RunResumeRequested
 from fabrik_common.ids import is_ulid, new_ulid
-from fabrik_common.runs import RESUMABLE_STATES, QueueSnapshot, RunRecord
+from fabrik_common.runs import QueueSnapshot, RunRecord, resume_refusal
 from fabrik_common.service import Service
 from fabrik_gateway.auth import Principal, require_role
 from fabrik_gateway.auth.guard import Authenticator, RateLimiter
@@ -380,14 +380,9 @@ class Gateway:
     async def resume(self, run_id: str, principal: Principal) -> ActionAccepted:
         record = self.find(run_id, principal)
         require_role(principal, "developer", "resume runs", record.project)
-        if record.state not in RESUMABLE_STATES:
-            raise ProblemError(
-                409,
-                f"run {record.run_id} is {record.state}; "
-                "only a failed, timed_out or cancelled run can be resumed",
-                slug="run-not-resumable",
-                title="Run cannot be resumed",
-            )
+        refusal = resume_refusal(record)
+        if refusal is not None:
+            raise ProblemError(409, refusal, slug="run-not-resumable", title="Run cannot be resumed")
         event = RunResumeRequested(run_id=record.run_id, requested_by=principal.subject)
         await self._publish(event)
         return ActionAccepted(

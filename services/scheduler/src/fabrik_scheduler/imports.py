@@ -14,13 +14,11 @@ import logging
 from fabrik_common.bus import MSG_ID
 from fabrik_common.events import RunImported, RunParameters, RunStateChanged
 from fabrik_common.portable import PortableRun
-from fabrik_common.runs import TEMPLATES, AttemptRecord, RunRecord
+from fabrik_common.runs import IMPORTED_BY_PREFIX, TEMPLATES, AttemptRecord, RunRecord
 from fabrik_scheduler.scheduler import Publisher
 from fabrik_scheduler.store import RunStore
 
 log = logging.getLogger(__name__)
-
-IMPORTED_BY_PREFIX = "import:"
 
 
 def record_of(run: PortableRun, imported_by: str) -> RunRecord:

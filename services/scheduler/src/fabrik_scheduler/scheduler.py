@@ -38,7 +38,6 @@ from fabrik_common.events import (
 from fabrik_common.ids import derived_ulid, utcnow
 from fabrik_common.runs import (
     ACTIVE_STATES,
-    RESUMABLE_STATES,
     AttemptRecord,
     Progress,
     QueueEntry,
@@ -51,6 +50,7 @@ from fabrik_common.runs import (
     is_terminal,
     parse_cpu,
     parse_memory,
+    resume_refusal,
 )
 from fabrik_scheduler import health
 from fabrik_scheduler.experiments import ExperimentView
@@ -224,7 +224,13 @@ class Scheduler:
 
     async def _on_resume_requested(self, event: RunResumeRequested) -> None:
         record = self.active.get(event.run_id) or await self.store.get(event.run_id)
-        if record is None or record.state not in RESUMABLE_STATES:
+        if record is None:
+            return
+        # The gateway refuses these with a 409; a request that got past it (a race with another
+        # resume, an event published directly) is dropped here, since the scheduler decides.
+        refusal = resume_refusal(record)
+        if refusal is not None:
+            log.info("resume ignored", extra={"run_id": record.run_id, "reason": refusal})
             return
         changes = (
             [health.Change("recover", "healthy", "resumed", f"resumed by {event.requested_by}")]

@@ -301,9 +301,12 @@ class RunsController(Controller):
         status_code=202,
         summary="Resume a run",
         opt={"audit_action": "run.resume"},
-        description="Only a failed, timed-out or cancelled run can be resumed (409 otherwise).",
+        description=(
+            "Only a failed, timed-out or cancelled run can be resumed, and never an imported run: "
+            "it has no workspace or image digest to resume from (409 otherwise)."
+        ),
         responses={
-            409: problem_spec("The run is not failed, timed_out or cancelled"),
+            409: problem_spec("The run is not failed, timed_out or cancelled, or it was imported"),
             **NOT_FOUND,
             **UNAVAILABLE,
         },

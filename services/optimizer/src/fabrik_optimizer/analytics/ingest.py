@@ -5,6 +5,10 @@ upserted (keyed by run_id); an LLM call is upserted by call_id. Folding the same
 the same row. Order tolerance within a run: events of an older attempt never overwrite a newer
 attempt's fields, the state follows the highest `revision` of `RunStateChanged`, timestamps within
 an attempt keep their first value, and the peak memory only grows.
+
+An imported run (`RunImported`, docs/migration.md) is folded from the document it carries, as the
+scheduler records it: project, env, spec, attempts, outcome and the run's own times. It ran
+outside Fabrik, so its row has the backend `imported` and no compute or storage cost.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from fabrik_common.events import (
     RunDispatched,
     RunEvent,
     RunFinished,
+    RunImported,
     RunParameters,
     RunQueued,
     RunRequested,
@@ -44,6 +49,7 @@ FOLDED_EVENTS: tuple[type[Any], ...] = (
     RunStateChanged,
     RunStarted,
     RunFinished,
+    RunImported,
 )
 RUN_SUBJECTS: tuple[str, ...] = (
     "fabrik.runs.requested.*",
@@ -52,7 +58,10 @@ RUN_SUBJECTS: tuple[str, ...] = (
     "fabrik.runs.state_changed.*",
     "fabrik.runs.started.*",
     "fabrik.runs.finished.*",
+    "fabrik.runs.imported.*",
 )
+IMPORTED_BACKEND = "imported"
+"""The backend of an imported run's row: it did not run on this installation."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,8 @@ def _derive(row: dict[str, Any], costing: Costing | None) -> None:
 
 def _costs(row: dict[str, Any], costing: Costing) -> None:
     """Compute (all attempts) and storage (once) cost of a run whose current attempt has ended."""
+    if row["backend"] == IMPORTED_BACKEND:
+        return  # its nodes and volumes were not this installation's: nothing to attribute
     started, finished = parse_iso(row["started_at"]), parse_iso(row["finished_at"])
     node = row["node_type"] or costing.node_for(row["backend"])
     row["node_type"] = node or None
@@ -148,6 +159,30 @@ def _costs(row: dict[str, Any], costing: Costing) -> None:
         row["storage_cost_nanos"] = costing.prices.storage_cost_nanos(
             costing.workspace_bytes, costing.retention_hours, finished
         )
+
+
+def _imported(row: dict[str, Any], event: RunImported) -> bool:
+    """Fold an imported run's document the way the scheduler records it (`record_of`): created and
+    queued when requested, one attempt per attempt of the document (at least one), the run's own
+    start and end. Like the scheduler, an import never overwrites a run of the same id that Fabrik
+    recorded itself (its `run.requested` set `created_at`); False then."""
+    run = event.run
+    if run.run_id != event.run_id or run.project != event.project:
+        return False  # the scheduler ignores such an event: no record, so no row either
+    if row["created_at"] is not None and row["backend"] != IMPORTED_BACKEND:
+        return False
+    row["project"], row["env"] = event.project, run.env
+    row["spec_id"] = run.spec
+    row["backend"] = IMPORTED_BACKEND
+    # The scheduler's announcement of the record carries this attempt: equal, it changes no time.
+    row["attempts"] = len(run.attempts) or 1
+    row["created_at"] = row["queued_at"] = iso(run.requested_at)
+    row["started_at"] = iso(run.started_at) if run.started_at else None
+    if run.finished_at is not None:
+        row["finished_at"] = iso(run.finished_at)
+    if row["state_revision"] is None:
+        row["state"], row["reason"] = run.state, run.reason
+    return True
 
 
 def fold_run_event(row: dict[str, Any], event: RunEvent, costing: Costing | None = None) -> bool:
@@ -194,6 +229,9 @@ def fold_run_event(row: dict[str, Any], event: RunEvent, costing: Costing | None
             if row["state"] not in TERMINAL_STATES:
                 row["state"] = event.outcome
                 row["reason"] = event.reason
+    elif isinstance(event, RunImported):
+        if not _imported(row, event):
+            return False
     else:
         return False
     _derive(row, costing)
