@@ -298,25 +298,27 @@ async def test_the_double_answers_snapshot_requests_as_the_api_server_does(
 ) -> None:
     custom = k8s_client.CustomObjectsApi(client)
     group, version = "snapshot.storage.k8s.io", "v1"
+    spec: dict[str, Any] = {
+        "volumeSnapshotClassName": "csi-hostpath-snapclass",
+        "source": {"persistentVolumeClaimName": "data-fabrik-01jaaaaaaaaaaaaaaaaaaaaaaa"},
+    }
     body = {
         "apiVersion": f"{group}/{version}",
         "kind": "VolumeSnapshot",
         "metadata": {"name": "s1", "labels": {"fabrik.sh/backup-id": "b1"}},
-        "spec": {
-            "volumeSnapshotClassName": "csi-hostpath-snapclass",
-            "source": {"persistentVolumeClaimName": "data-fabrik-01jaaaaaaaaaaaaaaaaaaaaaaa"},
-        },
+        "spec": spec,
     }
     created = await custom.create_namespaced_custom_object(group, version, NS, "volumesnapshots", body)
     assert created["metadata"]["namespace"] == NS and created["metadata"]["uid"]
     with pytest.raises(ApiException) as exists:
         await custom.create_namespaced_custom_object(group, version, NS, "volumesnapshots", body)
-    status = msgspec.json.decode(exists.value.body)
+    status = msgspec.json.decode(exists.value.body or b"")
     assert (exists.value.status, status["kind"], status["reason"]) == (409, "Status", "AlreadyExists")
     assert status["details"] == {"name": "s1", "group": group, "kind": "volumesnapshots"}
     with pytest.raises(ApiException) as missing:
         await custom.get_namespaced_custom_object(group, version, NS, "volumesnapshots", "nope")
-    assert missing.value.status == 404 and msgspec.json.decode(missing.value.body)["reason"] == "NotFound"
+    assert missing.value.status == 404
+    assert msgspec.json.decode(missing.value.body or b"")["reason"] == "NotFound"
     # a source PVC that does not exist: the snapshot controller reports it in status.error
     await custom.create_namespaced_custom_object(
         group,
@@ -326,7 +328,7 @@ async def test_the_double_answers_snapshot_requests_as_the_api_server_does(
         {
             **body,
             "metadata": {"name": "s2"},
-            "spec": {**body["spec"], "source": {"persistentVolumeClaimName": "gone"}},
+            "spec": {**spec, "source": {"persistentVolumeClaimName": "gone"}},
         },
     )
     for _ in range(100):
