@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from fabrik_common.envs import EnvKeyMissingError
@@ -123,3 +124,15 @@ def test_command_resolution(tmp_path: Path) -> None:
         check_executable("./script.sh", cwd=tmp_path, path="")
     (tmp_path / "script.sh").chmod(0o755)
     check_executable("./script.sh", cwd=tmp_path, path="")
+
+
+def test_run_configuration_variables_and_the_harness_file(tmp_path: Path) -> None:
+    run = dispatch({"FABRIK_MODEL": "gpt-big", "FABRIK_HARNESS_DEPTH": "3", "FABRIK_HARNESS_x-y": "1"})
+    run = msgspec.structs.replace(
+        run, params=msgspec.structs.replace(run.params, spec_path="specs/login.json")
+    )
+    env, warnings = build_env(run, workspace=tmp_path, project_env={}, llm_proxy_url="http://p", host_env={})
+    assert env["FABRIK_MODEL"] == "gpt-big" and env["FABRIK_HARNESS_DEPTH"] == "3"
+    assert "FABRIK_HARNESS_x-y" not in env
+    assert warnings == ["workload.env: FABRIK_HARNESS_x-y is reserved (FABRIK_*, SMITHERS_*), skipped"]
+    assert env["FABRIK_SPEC_HARNESS_FILE"] == str(tmp_path / "specs" / "login.harness.json")

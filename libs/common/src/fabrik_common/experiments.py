@@ -334,6 +334,26 @@ def _text(value: OverrideValue) -> str:
     return str(value)
 
 
+def is_configuration_variable(name: str) -> bool:
+    """`FABRIK_MODEL` or `FABRIK_HARNESS_<KEY>`: the workload variables the run configuration
+    (defaults and experiment arms) sets. The gateway refuses every `FABRIK_*` key in a request's
+    `workload.env`, so in a dispatched run's `workload.env` these come from the scheduler; the
+    executors pass them through while keeping every other `FABRIK_*` name their own."""
+    if name == MODEL_ENV:
+        return True
+    key = name.removeprefix(HARNESS_ENV_PREFIX)
+    return key != name and key.isupper() and HARNESS_KEY.match(key.lower()) is not None
+
+
+def harness_file_for(spec_path: str) -> str:
+    """Where a spec's harness settings live, next to it in the repository: `specs/x.json` ->
+    `specs/x.harness.json` (what a winning harness experiment's pull request changes; the workload
+    reads it through `fabrik_runtime.harness_settings`)."""
+    head, sep, name = spec_path.rpartition("/")
+    stem = name.removesuffix(".json")
+    return f"{head}{sep}{stem}.harness.json"
+
+
 def apply_overrides(params: RunParameters, overrides: Mapping[str, OverrideValue]) -> RunParameters:
     """`params` with the overrides applied (unknown paths are refused by validation, ignored here).
 

@@ -11,7 +11,7 @@ from fabrik_runtime.protocol import (
     report_progress,
     report_result,
 )
-from fabrik_runtime.run import LlmEndpoints, RunContext
+from fabrik_runtime.run import LlmEndpoints, RunContext, harness_settings
 
 __all__ = [
     "PREFIX",
@@ -19,6 +19,7 @@ __all__ = [
     "ProtocolLine",
     "RunContext",
     "format_line",
+    "harness_settings",
     "parse_line",
     "report_progress",
     "report_result",

@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 
 from fabrik_common.envs import EnvCipher, EnvStoreError, is_reserved, read_env
 from fabrik_common.events import RunDispatched
+from fabrik_common.experiments import harness_file_for, is_configuration_variable
 
 RESERVED_PREFIXES = ("FABRIK_", "SMITHERS_")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -147,7 +148,7 @@ def build_env(
             continue
         env[key] = value
     for key, value in dispatch.params.workload.env.items():
-        if is_reserved(key):
+        if is_reserved(key) and not is_configuration_variable(key):
             warnings.append(f"workload.env: {key} is reserved (FABRIK_*, SMITHERS_*), skipped")
             continue
         if not _KEY.match(key):
@@ -167,6 +168,8 @@ def build_env(
     )
     if spec_file is not None:
         env["FABRIK_SPEC_FILE"] = str(spec_file)
+    if dispatch.params.spec_path:
+        env["FABRIK_SPEC_HARNESS_FILE"] = str(workspace / harness_file_for(dispatch.params.spec_path))
     if todo_file is not None:
         env["FABRIK_TODO_FILE"] = str(todo_file)
     return env, warnings

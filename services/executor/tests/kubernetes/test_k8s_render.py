@@ -292,3 +292,24 @@ def test_clone_script_runs_on_every_attempt_but_skips_a_prepared_workspace() -> 
     env = {e["name"]: e["value"] for e in init["env"]}
     assert env["FABRIK_REPO_URL"] == "https://github.com/acme/shop.git"
     assert env["FABRIK_REPO_REF"] == "main"
+
+
+def test_run_configuration_variables_reach_the_workload() -> None:
+    # The scheduler puts the model and harness settings of the defaults and experiment arms into
+    # workload.env (the gateway refuses FABRIK_* there); every other FABRIK_* stays the executor's.
+    workload = Workload(
+        image="ghcr.io/acme/agent:1.4@" + DIGEST,
+        env={"FABRIK_MODEL": "gpt-big", "FABRIK_HARNESS_DEPTH": "3", "FABRIK_RUN_ID": "spoofed"},
+    )
+    env, warnings = render.workload_env(
+        dispatch(params={"workload": workload, "spec": None, "spec_path": "specs/add-login.json"}),
+        CONFIG,
+        llm_key=False,
+        has_spec=False,
+        has_todo=False,
+    )
+    values = {e["name"]: e.get("value") for e in env}
+    assert values["FABRIK_MODEL"] == "gpt-big" and values["FABRIK_HARNESS_DEPTH"] == "3"
+    assert values["FABRIK_RUN_ID"] == RUN_ID
+    assert values["FABRIK_SPEC_HARNESS_FILE"] == "/workspace/specs/add-login.harness.json"
+    assert warnings == ["workload.env: FABRIK_RUN_ID is reserved (FABRIK_*, SMITHERS_*), skipped"]

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fabrik_common.events import RunDispatched
+from fabrik_common.experiments import harness_file_for, is_configuration_variable
 
 PREFIX = "fabrik.sh/"
 LABEL_RUN_ID = PREFIX + "run-id"
@@ -451,7 +452,7 @@ def workload_env(
     ]
     seen = {e["name"] for e in env}
     for key, value in sorted(dispatch.params.workload.env.items()):
-        if key.upper().startswith(RESERVED_ENV_PREFIXES):
+        if key.upper().startswith(RESERVED_ENV_PREFIXES) and not is_configuration_variable(key):
             warnings.append(f"workload.env: {key} is reserved (FABRIK_*, SMITHERS_*), skipped")
             continue
         if not _ENV_KEY.match(key):
@@ -481,6 +482,12 @@ def workload_env(
     ]
     if has_spec:
         fixed.append(_env("FABRIK_SPEC_FILE", f"{RUN_DIR}/spec.json"))
+    if dispatch.params.spec_path:
+        fixed.append(
+            _env(
+                "FABRIK_SPEC_HARNESS_FILE", f"{WORKSPACE_MOUNT}/{harness_file_for(dispatch.params.spec_path)}"
+            )
+        )
     if has_todo:
         fixed.append(_env("FABRIK_TODO_FILE", f"{RUN_DIR}/todo.json"))
     fixed_names = {e["name"] for e in fixed}
