@@ -6,6 +6,7 @@ workload as a process of the local executor backend, and HTTP calls to the gatew
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 
 from fabrik_common.natsserver import NatsServer, free_port
@@ -355,3 +357,31 @@ def test_fabrik_up_and_down_run_hello(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_run_configuration_defaults_reach_the_workload(stack: Stack) -> None:
+    """Model and harness values of the run configuration (what a rollout writes to the `config`
+    bucket) arrive in the workload's environment through the real scheduler and executor."""
+    for name in ("gateway", "scheduler", "executor"):
+        stack.start(name)
+
+    async def roll_out() -> None:
+        # What the optimizer writes when a model and a harness experiment have shipped.
+        client = await nats.connect(stack.nats.url)
+        try:
+            kv = await client.jetstream().key_value("config")
+            defaults = {"overrides": {"model": "gpt-rolled-out", "harness.depth": 3}, "revision": 1}
+            await kv.put("defaults", json.dumps(defaults).encode())
+        finally:
+            await client.close()
+
+    asyncio.run(roll_out())
+    show = (
+        "import os; print('config', os.environ.get('FABRIK_MODEL'), os.environ.get('FABRIK_HARNESS_DEPTH'))"
+    )
+    with api_client() as client:
+        run = submit(client, stack.api, workload={"command": [sys.executable, "-c", show]})
+        done = wait_state(client, stack.api, run["run_id"], {"succeeded", "failed"})
+        assert done["state"] == "succeeded", done
+        texts = log_texts(client, stack.api, run["run_id"])
+    assert "config gpt-rolled-out 3" in texts, texts
