@@ -82,7 +82,7 @@ class Stack:
                 run_id=run_id,
                 project=project,
                 env="dev",
-                params=RunParameters(resources=SMALL, spec={"id": "hello"}),
+                params=RunParameters(resources=SMALL, template="default", spec={"id": "hello"}),
                 requested_by="test",
             )
         )
@@ -128,7 +128,7 @@ class Stack:
                     project="sim",
                     env="dev",
                     attempt=1,
-                    params=RunParameters(resources=SMALL),
+                    params=RunParameters(resources=SMALL, template="default"),
                     experiment_arm=f"{experiment_id}/{arm}",
                     deadline=MONDAY_NOON + timedelta(hours=1),
                 )

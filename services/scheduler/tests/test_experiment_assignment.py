@@ -16,12 +16,14 @@ T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 SMALL = Resources(cpu_request="500m", memory_request="1Gi", cpu_limit="2", memory_limit="4Gi")
 
 
-def record(project: str = "demo", attempt: int = 1) -> RunRecord:
+def record(project: str = "demo", attempt: int = 1, **params: object) -> RunRecord:
+    """A run as the gateway records one submitted without resources: the `default` template's."""
+    fields: dict[str, object] = {"resources": SMALL, "template": "default", **params}
     return RunRecord(
         run_id=new_ulid(),
         project=project,
         env="dev",
-        params=RunParameters(resources=SMALL),
+        params=RunParameters(**fields),  # type: ignore[arg-type]
         state="starting",
         attempt=attempt,
         created_at=T0,
@@ -75,6 +77,34 @@ def test_defaults_and_arms_are_applied_and_stamped() -> None:
     other = record(project="other")
     view.configure(other)
     assert other.experiments == [] and other.experiment_arm is None
+
+
+def test_what_the_request_pinned_is_left_alone() -> None:
+    # Resources given explicitly (no template) and a budget: neither the defaults nor an
+    # experiment on them change the run; the rest of the configuration still applies.
+    exp = experiment(share=1.0)
+    view = view_with(
+        (ex.experiment_key(exp.id), exp),
+        (
+            ex.DEFAULTS_KEY,
+            ex.Defaults(overrides={"resources.memory_limit": "5Gi", "budget_usd": 9, "model": "m"}),
+        ),
+    )
+    explicit = record(template=None, budget_usd=2.0)
+    view.configure(explicit)
+    assert explicit.params.resources == SMALL and explicit.params.budget_usd == 2.0
+    assert explicit.params.workload.env == {"FABRIK_MODEL": "m"}
+    assert explicit.experiments == [] and explicit.experiment_arm is None
+    templated = record()
+    view.configure(templated)
+    assert templated.params.resources.memory_limit == "6Gi" and templated.params.budget_usd == 9
+    assert ex.pinned_parameters(explicit.params) == {
+        "resources.cpu_request",
+        "resources.memory_request",
+        "resources.cpu_limit",
+        "resources.memory_limit",
+        "budget_usd",
+    }
 
 
 def test_later_attempts_keep_the_first_configuration() -> None:

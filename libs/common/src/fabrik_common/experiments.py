@@ -272,6 +272,22 @@ class RunFacts:
     env: str
     spec_id: str | None
     labels: Mapping[str, str]
+    pinned: frozenset[str] = frozenset()
+    """Parameters the run's request set itself (`pinned_parameters`): no experiment takes them."""
+
+
+def pinned_parameters(params: RunParameters) -> frozenset[str]:
+    """The parameters a run's request chose explicitly, which neither the defaults nor an
+    experiment change: `resources.*` when it gave resources instead of a template (the gateway
+    then records no template), `budget_usd` when it set one. The others cannot be told from
+    their defaults (`timeout_seconds`, the template `default`) or are never requested
+    (`model`, `harness.*`: `FABRIK_*` keys are refused in a request's `workload.env`)."""
+    pinned = set()
+    if params.template is None:
+        pinned.update(f"resources.{field}" for field in RESOURCE_FIELDS)
+    if params.budget_usd is not None:
+        pinned.add("budget_usd")
+    return frozenset(pinned)
 
 
 def matches(experiment: Experiment, run: RunFacts) -> bool:
@@ -308,7 +324,7 @@ def assign(experiments: Iterable[Experiment], run: RunFacts) -> list[tuple[Exper
     chosen: list[tuple[Experiment, Arm]] = []
     taken: set[str] = set()
     for experiment in sorted(experiments, key=lambda e: (e.created_at, e.id)):
-        if experiment.state not in ACTIVE_STATES or experiment.parameter in taken:
+        if experiment.state not in ACTIVE_STATES or experiment.parameter in taken | run.pinned:
             continue
         if matches(experiment, run):
             taken.add(experiment.parameter)
@@ -387,8 +403,10 @@ def configure(
     defaults: Defaults,
     assignments: Sequence[tuple[Experiment, Arm]],
 ) -> tuple[RunParameters, list[ExperimentArmRef]]:
-    """Defaults first, then each assigned arm's overrides; the arm stamps to record."""
-    configured = apply_overrides(params, defaults.overrides)
+    """Defaults first (except for what the request pinned), then each assigned arm's overrides;
+    the arm stamps to record."""
+    pinned = pinned_parameters(params)
+    configured = apply_overrides(params, {p: v for p, v in defaults.overrides.items() if p not in pinned})
     stamps: list[ExperimentArmRef] = []
     for experiment, arm in assignments:
         configured = apply_overrides(configured, arm.overrides)

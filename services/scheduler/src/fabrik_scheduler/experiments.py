@@ -65,6 +65,7 @@ class ExperimentView:
                 env=record.env,
                 spec_id=record.spec_id,
                 labels=record.params.labels,
+                pinned=ex.pinned_parameters(record.params),
             )
             assignments = ex.assign(self.active(), facts)
         params, stamps = ex.configure(record.params, self.defaults, assignments)
