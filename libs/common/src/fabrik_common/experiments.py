@@ -282,7 +282,7 @@ def pinned_parameters(params: RunParameters) -> frozenset[str]:
     then records no template), `budget_usd` when it set one. The others cannot be told from
     their defaults (`timeout_seconds`, the template `default`) or are never requested
     (`model`, `harness.*`: `FABRIK_*` keys are refused in a request's `workload.env`)."""
-    pinned = set()
+    pinned: set[str] = set()
     if params.template is None:
         pinned.update(f"resources.{field}" for field in RESOURCE_FIELDS)
     if params.budget_usd is not None:
