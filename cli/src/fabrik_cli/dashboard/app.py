@@ -39,6 +39,7 @@ from fabrik_cli.dashboard.live import FATAL_STATUSES, LiveStream, StreamStatus
 from fabrik_cli.dashboard.runs import COLUMNS, LOG_CHUNK, RunStore, is_terminal, run_row
 from fabrik_cli.errors import CliError
 from fabrik_cli.output import progress_bar
+from fabrik_common.runs import IMPORTED_BY_PREFIX
 
 RESUMABLE = frozenset({"failed", "timed_out", "cancelled"})
 STATE_STYLES: dict[str, str] = {
@@ -883,6 +884,12 @@ class DashboardApp(App[None]):
                 return
         if action == "cancel" and is_terminal(run):
             self.notify(f"run {run_id} has already finished ({state}): nothing to cancel", severity="warning")
+            return
+        if action == "resume" and str(run.get("requested_by") or "").startswith(IMPORTED_BY_PREFIX):
+            self.notify(
+                f"run {run_id} was imported: it has no workspace to resume from; submit a new run",
+                severity="warning",
+            )
             return
         if action == "resume" and state not in RESUMABLE:
             self.notify(

@@ -4,6 +4,9 @@ import { LiveStream, liveIndicator } from "../live.js";
 import { age, between, clear, confirmDialog, emptyRow, errorBox, fmtClock, fmtDuration, fmtTime, h, healthBadge, link, money, num, progressBar, shortId, stateBadge, TERMINAL, toast } from "../ui.js";
 
 const RESUMABLE = new Set(["failed", "timed_out", "cancelled"]);
+// An imported run (requested_by "import:…") has no workspace or image digest here: the gateway
+// refuses to resume it, so the button is not offered.
+const resumable = (r) => RESUMABLE.has(r.state) && !(r.requested_by || "").startsWith("import:");
 const MAX_LINES = 20000;
 
 export function runPage(root, app, runId) {
@@ -120,7 +123,7 @@ export function runPage(root, app, runId) {
     if (!TERMINAL.has(r.state)) {
       actions.append(h("button.btn.danger", { type: "button", disabled: r.state === "cancelling", on: { click: cancel } }, r.state === "cancelling" ? "Cancelling…" : "Cancel run"));
     }
-    if (RESUMABLE.has(r.state)) actions.append(h("button.btn.primary", { type: "button", on: { click: resume } }, "Resume run"));
+    if (resumable(r)) actions.append(h("button.btn.primary", { type: "button", on: { click: resume } }, "Resume run"));
   }
 
   async function cancel() {
