@@ -413,14 +413,31 @@ async def test_watch_reconnects_and_relists_without_missing_a_transition(cluster
             )
         )
         await rec.started(d.run_id)
+
+        def watch_count() -> int:
+            return len([q for m, q in c.api.requests if m == "GET" and "watch=" in q.lower()])
+
+        async def reconnected(before: int, dropped: int) -> None:
+            # every dropped watch is opened again (a loaded machine may take longer than a fixed sleep)
+            for _ in range(200):
+                if watch_count() >= before + dropped:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"{dropped} dropped watches were not reopened: {watch_count() - before}")
+
         # the connections drop mid-way: watches resume from their resourceVersion, the log from its cursor
-        assert c.api.drop_watches() >= 2
+        before = watch_count()
+        dropped = c.api.drop_watches()
+        assert dropped >= 2
         c.api.drop_log_streams()
-        await asyncio.sleep(0.35)
+        await reconnected(before, dropped)
         # the history is compacted and the connections drop again: 410 Gone, relist
         c.api.compact()
-        c.api.drop_watches()
+        before = watch_count()
+        dropped = c.api.drop_watches()
+        assert dropped >= 2
         c.api.drop_log_streams()
+        await reconnected(before, dropped)
         f = await rec.finished(d.run_id)
         await asyncio.sleep(0.2)
         await rec.poll()
