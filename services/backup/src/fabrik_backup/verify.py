@@ -4,7 +4,9 @@ it into a scratch nats-server and compares the result message by message."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,17 +54,40 @@ async def verify(
             await report(stored, parts)
     compared = 0
     if deep:
-        with tempfile.TemporaryDirectory(prefix="fabrik-verify-") as scratch:
-            server = NatsServer(Path(scratch) / "nats")
-            await asyncio.to_thread(server.start)
+        async with scratch_server() as server:
+            nc = await jsapi.connect_raw(server.url, name="fabrik-backup-verify")
             try:
-                nc = await jsapi.connect_raw(server.url, name="fabrik-backup-verify")
-                try:
-                    await restore(nc, target, manifest, report=report)
-                    for entry in manifest.streams:
-                        compared += await compare_stream(nc, target, manifest, entry)
-                finally:
-                    await nc.close()
+                await restore(nc, target, manifest, report=report)
+                for entry in manifest.streams:
+                    compared += await compare_stream(nc, target, manifest, entry)
             finally:
-                await asyncio.to_thread(server.stop)
+                await nc.close()
     return VerifyResult(backup_id, parts, messages, stored, deep, compared)
+
+
+@contextlib.asynccontextmanager
+async def scratch_server() -> AsyncIterator[NatsServer]:
+    """A nats-server of its own in a temporary directory, stopped and removed on the way out —
+    also when the verify is cancelled while the server starts. Starting is a thread that cannot
+    be interrupted: leaving at once would remove the directory under a server still starting,
+    leave it running, and keep the service from exiting until that thread gave up."""
+    with tempfile.TemporaryDirectory(prefix="fabrik-verify-") as scratch:
+        server = NatsServer(Path(scratch) / "nats")
+        started = asyncio.ensure_future(asyncio.to_thread(server.start))
+        try:
+            await asyncio.shield(started)
+            yield server
+        finally:
+
+            async def stop() -> None:
+                with contextlib.suppress(Exception):
+                    await started
+                await asyncio.to_thread(server.stop)
+
+            stopping = asyncio.ensure_future(stop())
+            # The operation's stop repeats its cancel until the work ends: each may interrupt this
+            # wait, never the stop itself.
+            while not stopping.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(stopping)
+            stopping.result()
