@@ -535,6 +535,8 @@ class ManagedService:
         # A service drains in-flight work for its shutdown grace, then closes its connections:
         # keep that inside the supervisor's grace so a clean stop is not cut short by SIGKILL.
         env.setdefault("FABRIK_SHUTDOWN_GRACE_SECONDS", f"{max(0.5, self.config.stop_grace * 0.75):g}")
+        # ... and ends (dumping its stacks) before the supervisor kills it, should the shutdown hang
+        env.setdefault("FABRIK_SHUTDOWN_DEADLINE_SECONDS", f"{max(1.0, self.config.stop_grace * 0.95):g}")
         # Project environments are encrypted with the stack's own key unless one is configured
         # (docs/environments.md); anonymous callers are admin on a stack bound to 127.0.0.1 (the
         # gateway logs a warning saying so).

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
@@ -24,6 +26,7 @@ from fabrik_common.settings import CommonSettings, SettingsError, load_settings
 from fabrik_common.topology import TopologyLimits, ensure_topology
 
 log = logging.getLogger(__name__)
+SHUTDOWN_DEADLINE_EXIT_CODE = 70  # EX_SOFTWARE: the shutdown, not the work, failed
 
 StateT = TypeVar("StateT")
 SettingsT = TypeVar("SettingsT", bound=CommonSettings)
@@ -193,8 +196,10 @@ class Service(Generic[StateT]):
     def request_stop(self) -> None:
         self._stop_requested.set()
 
-    async def run(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
+    async def run(self, *, deadline: bool = False) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop cleanly. With `deadline` (a service's own
+        process), the process exits within `shutdown_deadline_seconds` of the stop even when
+        something in the shutdown hangs."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -202,6 +207,8 @@ class Service(Generic[StateT]):
             await self.start()
             await self._stop_requested.wait()
         finally:
+            if deadline:
+                exit_by_deadline(self.name, self.settings.shutdown_deadline_seconds)
             await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -215,4 +222,22 @@ def run_service(settings_cls: type[SettingsT], build: Callable[[SettingsT], Serv
         print(f"fabrik-{name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     configure_logging(name, settings.log_level, settings.log_format)
-    asyncio.run(build(settings).run())
+    asyncio.run(build(settings).run(deadline=True))
+
+
+def exit_by_deadline(name: str, seconds: float) -> threading.Timer:
+    """End the process `seconds` from now unless it has exited by then: a shutdown that hangs (a
+    task that swallows its cancellation, a thread that never returns) must not leave a service
+    that neither serves nor goes away. The stacks of every thread go to stderr first, to find it.
+    A daemon thread: it never keeps the process alive itself."""
+
+    def expire() -> None:
+        log.error("shutdown did not finish in time; exiting", extra={"service": name, "seconds": seconds})
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(SHUTDOWN_DEADLINE_EXIT_CODE)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    return timer

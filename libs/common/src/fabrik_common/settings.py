@@ -46,6 +46,8 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     logs_max_bytes: PositiveInt = 10 * 1024**3
     dedupe_window_seconds: PositiveInt = 600
     shutdown_grace_seconds: PositiveFloat = 20.0
+    shutdown_deadline_seconds: PositiveFloat = 28.0
+    """After SIGTERM the process exits within this time, clean or not (stacks dumped to stderr)."""
     instance_id: str = ""
 
 

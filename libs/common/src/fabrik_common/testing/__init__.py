@@ -171,10 +171,17 @@ class ServiceProcess:
         return "address already in use" in tail.lower() and str(self.http_port) in tail
 
     def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait: the clean shutdown path. Returns the exit code."""
+        """SIGTERM and wait: the clean shutdown path. Returns the exit code. A service that has
+        not exited within `timeout` is killed before the TimeoutExpired is raised, so that a
+        failing test leaves no process behind."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
