@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from fabrik_backup.snapshots import (
 )
 from fabrik_backup.targets import NatsObjectStoreTarget, Target, open_target
 from fabrik_backup.verify import verify
+from fabrik_common.aio import cancel_all
 from fabrik_common.backup_rpc import Operation, VolumeSnapshots
 from fabrik_common.service import Service, run_service
 
@@ -244,11 +244,9 @@ def build(settings: BackupSettings) -> Service[BackupState]:
 
     async def on_stop(state: BackupState) -> None:
         await state.rpc.stop()
-        for task in state.tasks:
-            task.cancel()
-        for task in state.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # cancel_all repeats the cancel: nats-py can swallow one inside its own wait_for, and a
+        # single cancel then left the reaper looping and the service never exiting on SIGTERM.
+        await cancel_all(state.tasks)
         await state.operations.stop()
         if state.snapshotter is not None:
             await state.snapshotter.close()

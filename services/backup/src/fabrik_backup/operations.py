@@ -22,6 +22,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
+from fabrik_common.aio import cancel_all
 from fabrik_common.backup_rpc import TERMINAL_STATES, Operation
 from fabrik_common.events import (
     AlertRaised,
@@ -434,9 +435,5 @@ class Operations:
             await asyncio.sleep(self.timing.reap_seconds)
 
     async def stop(self) -> None:
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # Repeated cancels (cancel_all): a single one can be swallowed inside nats-py.
+        await cancel_all(list(self.tasks.values()))

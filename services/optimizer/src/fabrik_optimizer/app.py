@@ -12,6 +12,7 @@ import nats.errors
 import psycopg
 from nats.js.kv import KeyValue
 
+from fabrik_common.aio import cancel_all
 from fabrik_common.clock import SYSTEM_CLOCK, Clock
 from fabrik_common.service import Service, run_service
 from fabrik_optimizer.analytics import queries
@@ -227,11 +228,8 @@ def build(settings: OptimizerSettings, *, clock: Clock | None = None) -> Service
     async def on_stop(state: OptimizerState) -> None:
         for server in rpc_server:
             await server.stop()
-        for task in state.tasks:
-            task.cancel()
-        for task in state.tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # Repeated cancels (cancel_all): a single one can be swallowed inside nats-py.
+        await cancel_all(state.tasks)
         state.store.close()
 
     async def budgets(state: OptimizerState) -> None:
