@@ -195,8 +195,11 @@ async def test_terminal_dashboard_flow(platform: Any) -> None:
             }
         )
         long_id = long_run["run_id"]
+        # running in the store and drawn in the table (the row is added after the store has it)
         await wait_until(
-            pilot, lambda: (runs.store.get(long_id) or {}).get("state") == "running", "the long run"
+            pilot,
+            lambda: (runs.store.get(long_id) or {}).get("state") == "running" and long_id in runs.row_cells(),
+            "the long run",
         )
         await pilot.press("up")
         assert runs.selected_run_id() == long_id

@@ -633,13 +633,14 @@ async def test_the_reconciler_reports_what_no_event_said(env: Env) -> None:
     assert env.check_runs()[0]["conclusion"] == "timed_out"
     await wait_until(lambda: len(env.github.comments_on(REPO, 12, by_app=True)) == 1)
 
-    async def comment_recorded() -> bool:  # the record is written after GitHub took the comment
-        return (await env.origin(run.run_id)).commented_attempt == 1
+    async def settled() -> bool:
+        # the record is written after GitHub took the comment, and the lease released after that
+        origin = await env.origin(run.run_id)
+        return origin.commented_attempt == 1 and origin.lease_owner is None
 
-    await wait_until(comment_recorded)
+    await wait_until(settled)
     origin = await env.origin(run.run_id)
     assert origin.reported == origin.desired
-    assert origin.lease_owner is None
 
 
 async def test_redelivered_run_events_change_nothing_twice(env: Env) -> None:
